@@ -1,0 +1,117 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/lspm"
+)
+
+func runLSPM(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("dedi lspm", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg lspm.Config
+	var allow listFlag
+	var portRange, memLimit, logMax, logLevel string
+	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7701", "address of the REST API (port 0 picks one, written to DATA-DIR/lspm.addr)")
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for process records and logs (required)")
+	fs.StringVar(&cfg.MachineID, "machine-id", "", "this machine's ID (default: the host name)")
+	fs.StringVar(&cfg.Token, "token", "", "machine token (default: env "+api.EnvMachineToken+")")
+	fs.BoolVar(&cfg.Insecure, "insecure", false, "run without a machine token: anyone on the network controls this machine (local development only)")
+	fs.StringVar(&cfg.VMMURL, "vmm-url", "", "VMM base URL to send status reports to")
+	fs.DurationVar(&cfg.ReportInterval, "report-interval", 0, "status report period (default 2s)")
+	fs.IntVar(&cfg.MaxProcesses, "max-processes", 4, "live processes this machine takes")
+	fs.StringVar(&portRange, "port-range", "30000-30999", "ports handed to processes, MIN-MAX")
+	fs.StringVar(&cfg.Address, "address", "", "address game clients use to reach this machine (default: the listen host)")
+	fs.StringVar(&cfg.SDKURL, "sdk-url", "", "LSPM URL given to processes (default: from --listen)")
+	fs.Var(&allow, "allow", "executable a spawn may name, PATH[=SHA256] (repeatable)")
+	fs.DurationVar(&cfg.HealthPeriod, "health-period", 0, "default heartbeat period (default 2s)")
+	fs.IntVar(&cfg.FailureThreshold, "failure-threshold", 0, "default missed heartbeats before a process is unhealthy (default 3)")
+	fs.DurationVar(&cfg.StartTimeout, "start-timeout", 0, "default time to become ready (default 60s)")
+	fs.StringVar(&memLimit, "memory-limit", "0", "default RSS limit per process, e.g. 512MiB (0: none)")
+	fs.DurationVar(&cfg.Grace, "grace", 0, "default time between SIGTERM and SIGKILL (default 10s)")
+	fs.StringVar(&logMax, "log-max-bytes", "8MiB", "cap of one process's log file (one rotated file is kept too)")
+	fs.IntVar(&cfg.History, "history", 100, "ended processes kept, with their logs")
+	fs.BoolVar(&cfg.DrainOnExit, "drain", false, "on SIGTERM, stop every game server before exiting (default: leave them running)")
+	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return errUsage
+	}
+	cfg.DefaultCommand = fs.Args()
+	if cfg.Token == "" {
+		cfg.Token = os.Getenv(api.EnvMachineToken)
+	}
+	os.Unsetenv(api.EnvMachineToken)
+	if cfg.MachineID == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("--machine-id not given and no host name: %w", err)
+		}
+		cfg.MachineID = h
+	}
+	if cfg.DataDir != "" {
+		abs, err := filepath.Abs(cfg.DataDir)
+		if err != nil {
+			return err
+		}
+		cfg.DataDir = abs
+	}
+	var err error
+	if cfg.PortMin, cfg.PortMax, err = lspm.ParsePortRange(portRange); err != nil {
+		return fmt.Errorf("--port-range: %w", err)
+	}
+	if cfg.MemoryLimit, err = parseBytes(memLimit); err != nil {
+		return fmt.Errorf("--memory-limit: %w", err)
+	}
+	if cfg.LogMaxBytes, err = parseBytes(logMax); err != nil {
+		return fmt.Errorf("--log-max-bytes: %w", err)
+	}
+	for _, s := range allow {
+		al, err := lspm.ParseAllowed(s)
+		if err != nil {
+			return fmt.Errorf("--allow %s: %w", s, err)
+		}
+		cfg.Allow = append(cfg.Allow, al)
+	}
+	log, err := newLogger(stderr, logLevel)
+	if err != nil {
+		return err
+	}
+	if cfg.Insecure && cfg.Token == "" {
+		log.Warn("running without a machine token (--insecure): anyone who reaches the API controls this machine")
+	}
+	agent, err := lspm.New(cfg, log, nil)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	return agent.Run(ctx)
+}
+
+// parseBytes reads a size such as 512MiB, 1GiB, 1048576.
+func parseBytes(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"KB", 1000}, {"MB", 1000_000}, {"GB", 1000_000_000}, {"B", 1}}
+	mult := int64(1)
+	num := strings.TrimSpace(s)
+	for _, u := range units {
+		if strings.HasSuffix(num, u.suffix) {
+			num, mult = strings.TrimSpace(strings.TrimSuffix(num, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("%q: want a size such as 512MiB", s)
+	}
+	return n * mult, nil
+}

@@ -1,0 +1,94 @@
+// Command dedi hosts dedicated game servers: "dedi lspm" is the agent on
+// every machine; more subcommands are listed by "dedi help".
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"dedi.dev/dedi/internal/lspm"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `dedi hosts dedicated game servers on machines you control.
+
+Usage:
+  dedi lspm [flags] [-- DEFAULT-COMMAND ARGS...]   run the local server process manager
+  dedi version                                     print the version
+
+Run "dedi COMMAND -h" for a command's flags.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "shim":
+		// Internal: the parent of one game server (see internal/lspm/shim.go).
+		if len(rest) != 1 {
+			fmt.Fprintln(stderr, "usage: dedi shim DIR (internal)")
+			return 2
+		}
+		return lspm.RunShim(rest[0])
+	case "lspm":
+		return exitCode(stderr, runLSPM(rest, stderr))
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "dedi", version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "dedi: unknown command %q\n\n%s", cmd, usage)
+	return 2
+}
+
+// errUsage marks an error already explained by the flag package.
+var errUsage = errors.New("usage")
+
+func exitCode(stderr io.Writer, err error) int {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errUsage), errors.Is(err, flag.ErrHelp):
+		return 2
+	}
+	fmt.Fprintf(stderr, "dedi: %v\n", err)
+	return 1
+}
+
+// signalContext is cancelled on SIGINT or SIGTERM.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+// listFlag collects a repeated flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }

@@ -1,0 +1,549 @@
+// Package lspm is the local server process manager: the agent on every
+// machine that spawns game server processes on REST request, watches them by
+// heartbeat, kills hung ones, records how each one ended with its evidence,
+// and reports the machine's state to the VMM. Game servers outlive it: each
+// runs under a shim of its own (see shim.go), so the LSPM can be killed,
+// restarted or upgraded without a game noticing.
+package lspm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/clock"
+	"dedi.dev/dedi/internal/rest"
+)
+
+// Agent is one LSPM.
+type Agent struct {
+	cfg       Config
+	log       *slog.Logger
+	clock     clock.Clock
+	allow     *allowList
+	hardware  api.Hardware
+	startedAt time.Time
+	address   string
+	sdkURL    string
+	machineTH string // hash of the machine token
+
+	cmds     chan func(*table)
+	changed  chan struct{}
+	loopDone chan struct{}
+	table    *table  // handed to the loop in Run; not touched elsewhere
+	adopted  []*proc // processes found alive at start, watched once Run starts
+	ln       net.Listener
+	runCtx   context.Context
+	wg       sync.WaitGroup
+}
+
+// New prepares an LSPM: it validates cfg, binds the listener, and reads back
+// the processes a previous run left (they are re-adopted when Run starts).
+func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if clk == nil {
+		clk = clock.Real{}
+	}
+	if cfg.ShimPath == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("find own executable for the shim: %w", err)
+		}
+		cfg.ShimPath = exe
+	}
+	allow, err := newAllowList(cfg.DefaultCommand, cfg.Allow)
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		cfg: cfg, log: log.With("machine", cfg.MachineID), clock: clk, allow: allow,
+		hardware: readHardware(), startedAt: clk.Now().UTC(),
+		cmds: make(chan func(*table), 64), changed: make(chan struct{}, 1), loopDone: make(chan struct{}),
+	}
+	if cfg.Token != "" {
+		a.machineTH = rest.TokenHash(cfg.Token)
+	}
+	if err := os.MkdirAll(a.procsDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	a.table = &table{a: a, live: map[string]*proc{}, endedByID: map[string]*proc{},
+		byToken: map[string]string{}, ports: map[int]string{}}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	a.ln = ln
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
+	sdkHost := host
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		sdkHost = "127.0.0.1"
+	}
+	a.address = cfg.Address
+	if a.address == "" {
+		a.address = sdkHost
+	}
+	a.sdkURL = cfg.SDKURL
+	if a.sdkURL == "" {
+		a.sdkURL = "http://" + net.JoinHostPort(sdkHost, port)
+	}
+	if a.adopted, err = a.table.load(); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("read process records: %w", err)
+	}
+	return a, nil
+}
+
+// Addr is the address the API listens on.
+func (a *Agent) Addr() string { return a.ln.Addr().String() }
+
+func (a *Agent) procsDir() string { return filepath.Join(a.cfg.DataDir, "processes") }
+
+// healthOf resolves a process's health settings against the defaults.
+func (a *Agent) healthOf(h api.Health) (period time.Duration, threshold int, startTimeout time.Duration) {
+	period, threshold, startTimeout = a.cfg.HealthPeriod, a.cfg.FailureThreshold, a.cfg.StartTimeout
+	if h.PeriodSeconds > 0 {
+		period = time.Duration(h.PeriodSeconds * float64(time.Second))
+	}
+	if h.FailureThreshold > 0 {
+		threshold = h.FailureThreshold
+	}
+	if h.StartTimeoutSeconds > 0 {
+		startTimeout = time.Duration(h.StartTimeoutSeconds * float64(time.Second))
+	}
+	return
+}
+
+// Run serves until ctx is done. Game servers keep running when it returns,
+// unless cfg.DrainOnExit, in which case each is stopped first.
+func (a *Agent) Run(ctx context.Context) error {
+	runCtx, cancel := context.WithCancel(context.Background())
+	a.runCtx = runCtx
+	defer func() {
+		cancel()
+		a.wg.Wait()
+	}()
+	loopCtx, stopLoop := context.WithCancel(context.Background())
+	loopExited := make(chan struct{})
+	go func() {
+		defer close(loopExited)
+		a.loop(loopCtx)
+	}()
+	defer func() {
+		stopLoop()
+		<-loopExited
+	}()
+
+	for _, p := range a.adopted {
+		a.adopt(p)
+	}
+	a.adopted = nil
+
+	if err := writeFileAtomic(filepath.Join(a.cfg.DataDir, "lspm.addr"), []byte(a.Addr())); err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(a.log.Handler(), slog.LevelWarn)}
+	serveErr := make(chan error, 1)
+	a.goOwned(func(context.Context) { serveErr <- srv.Serve(a.ln) })
+	a.goOwned(a.sampleMemory)
+	if a.cfg.VMMURL != "" {
+		a.goOwned(a.report)
+	}
+	a.log.Info("lspm listening", "addr", a.Addr(), "sdkUrl", a.sdkURL, "maxProcesses", a.cfg.MaxProcesses,
+		"adopted", len(a.table0Live()), "vmm", a.cfg.VMMURL)
+
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+	}
+	if a.cfg.DrainOnExit {
+		a.drain()
+	}
+	shutCtx, c := context.WithTimeout(context.Background(), 2*time.Second)
+	defer c()
+	_ = srv.Shutdown(shutCtx)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// table0Live counts live processes through the loop (for the start log).
+func (a *Agent) table0Live() []api.Process {
+	var out []api.Process
+	a.do(func(t *table) { out = t.liveViews() })
+	return out
+}
+
+// goOwned runs f in a goroutine that Run waits for; f gets the run context.
+func (a *Agent) goOwned(f func(ctx context.Context)) {
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		f(a.runCtx)
+	}()
+}
+
+// loop owns the table: every command and the health clock run here.
+func (a *Agent) loop(ctx context.Context) {
+	defer close(a.loopDone)
+	tick := a.clock.NewTicker(a.cfg.CheckInterval)
+	defer tick.Stop()
+	t := a.table
+	for {
+		select {
+		case fn := <-a.cmds:
+			fn(t)
+		case <-tick.C():
+			t.checkHealth()
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+var errStopped = rest.Errorf(rest.Unavailable, "stopping", "the LSPM is stopping")
+
+// do runs fn on the loop and waits for it.
+func (a *Agent) do(fn func(t *table)) error {
+	done := make(chan struct{})
+	select {
+	case a.cmds <- func(t *table) { fn(t); close(done) }:
+	case <-a.loopDone:
+		return errStopped
+	}
+	select {
+	case <-done:
+		return nil
+	case <-a.loopDone:
+		return errStopped
+	}
+}
+
+// post queues fn on the loop without waiting for it to run.
+func (a *Agent) post(fn func(t *table)) {
+	select {
+	case a.cmds <- fn:
+	case <-a.loopDone:
+	}
+}
+
+// removeLater deletes a directory off the loop.
+func (a *Agent) removeLater(dir string) {
+	if dir == "" {
+		return
+	}
+	if a.runCtx == nil { // still loading: no goroutines yet
+		_ = os.RemoveAll(dir)
+		return
+	}
+	a.goOwned(func(context.Context) { _ = os.RemoveAll(dir) })
+}
+
+var idPattern = machineIDPattern
+
+// newToken returns 32 random bytes in hex.
+func newToken() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b) // crypto/rand.Read never fails on Linux
+	return hex.EncodeToString(b)
+}
+
+// baseEnv is what a game server inherits from the LSPM's environment: only
+// harmless variables, never the machine token.
+var baseEnv = []string{"PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+
+// Spawn starts a game server process (POST /v1/processes).
+func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
+	if err := validateSpawn(&req); err != nil {
+		return api.Process{}, err
+	}
+	argv := req.Command
+	if len(argv) == 0 {
+		argv = a.cfg.DefaultCommand
+	}
+	if len(argv) == 0 {
+		return api.Process{}, rest.Errorf(rest.Invalid, "", "the request names no command and this LSPM has no default command")
+	}
+	exe, err := a.allow.check(argv[0])
+	if err != nil {
+		return api.Process{}, err
+	}
+	id := req.ID
+	if id == "" {
+		id = "p-" + uuid.NewString()
+	}
+	portNames := req.Ports
+	if portNames == nil {
+		portNames = []string{"game"}
+	}
+	token := newToken()
+	var plan spawnPlan
+	var reserveErr error
+	if err := a.do(func(t *table) {
+		plan, reserveErr = t.reserve(id, req, argv, rest.TokenHash(token), portNames)
+	}); err != nil {
+		return api.Process{}, err
+	}
+	if reserveErr != nil {
+		return api.Process{}, reserveErr
+	}
+	l, err := a.launch(plan, req, exe, argv, token)
+	if err != nil {
+		_ = os.RemoveAll(plan.dir)
+		a.post(func(t *table) { t.abort(id) })
+		return api.Process{}, rest.Errorf(rest.Internal, "spawn_failed", "start %s: %v", argv[0], err)
+	}
+	var view api.Process
+	if err := a.do(func(t *table) { view = t.commit(id, l) }); err != nil {
+		return api.Process{}, err
+	}
+	a.watch(id, plan.dir, l.shimPID, l.shimStart, l)
+	return view, nil
+}
+
+// launch does a spawn's I/O off the loop: the process dir, the environment
+// and the shim.
+func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []string, token string) (launched, error) {
+	if err := os.Mkdir(plan.dir, 0o700); err != nil {
+		return launched{}, err
+	}
+	params := req.Params
+	if params == nil {
+		params = map[string]any{}
+	}
+	pj, _ := json.Marshal(params)
+	period, _, _ := a.healthOf(derefHealth(req.Health))
+	env := make([]string, 0, len(baseEnv)+len(req.Env)+12)
+	for _, k := range baseEnv {
+		if v, ok := os.LookupEnv(k); ok {
+			env = append(env, k+"="+v)
+		}
+	}
+	keys := make([]string, 0, len(req.Env))
+	for k := range req.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		env = append(env, k+"="+req.Env[k])
+	}
+	env = append(env,
+		api.EnvProcessID+"="+plan.id,
+		api.EnvProcessToken+"="+token,
+		api.EnvSDKURL+"="+a.sdkURL,
+		api.EnvParams+"="+string(pj),
+		api.EnvMachineID+"="+a.cfg.MachineID,
+		api.EnvFleet+"="+req.Fleet,
+		api.EnvHeartbeatMS+"="+strconv.FormatInt(period.Milliseconds(), 10),
+	)
+	for name, port := range plan.ports {
+		env = append(env, api.EnvPortPrefix+strings.ToUpper(name)+"="+strconv.Itoa(port))
+	}
+	full := append([]string{exe}, argv[1:]...)
+	return startShim(a.cfg.ShimPath, plan.dir, shimSpec{Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes})
+}
+
+func derefHealth(h *api.Health) api.Health {
+	if h == nil {
+		return api.Health{}
+	}
+	return *h
+}
+
+// watch waits off the loop for a game server's shim to exit and posts the
+// end, with its exit record and log tail, to the loop.
+func (a *Agent) watch(id, dir string, shimPID int, shimStart uint64, l launched) {
+	a.goOwned(func(ctx context.Context) {
+		if !waitShim(ctx, shimPID, shimStart) {
+			return // the LSPM stops; the game goes on, the next LSPM watches it
+		}
+		if l.cmd != nil {
+			_ = l.cmd.Wait() // reap our own child
+		}
+		a.finish(id, dir, l.pid, l.start)
+	})
+}
+
+// finish reads the evidence of an ended game server and posts it.
+func (a *Agent) finish(id, dir string, pid int, start uint64) {
+	var ex *exitRecord
+	detail := ""
+	if raw, err := os.ReadFile(filepath.Join(dir, exitFile)); err == nil {
+		var rec exitRecord
+		if jsonUnmarshal(raw, &rec) == nil {
+			ex = &rec
+		}
+	}
+	if ex == nil {
+		// The shim died without recording the exit: the status is lost.
+		// Do not leave an unsupervised game behind.
+		detail = "the process's supervisor (shim) ended without recording its exit; exit status unknown"
+		if pidAlive(pid, start) {
+			a.kill(pid, start, 0, nil)
+			detail += "; the orphaned process group was killed"
+		}
+	}
+	tail := tailLines(filepath.Join(dir, logFile), 50)
+	a.post(func(t *table) { t.end(id, ex, tail, detail) })
+}
+
+// adopt takes over a game server a previous LSPM started.
+func (a *Agent) adopt(p *proc) {
+	id, dir := p.view.ID, p.dir
+	l := launched{shimPID: p.shimPID, shimStart: p.shimStart, pid: p.view.PID, start: p.start}
+	if _, err := os.Stat(filepath.Join(dir, exitFile)); err == nil || !pidAlive(p.shimPID, p.shimStart) {
+		a.goOwned(func(context.Context) { a.finish(id, dir, l.pid, l.start) })
+		return
+	}
+	a.log.Info("re-adopted process", "process", id, "pid", l.pid, "state", p.view.State)
+	a.watch(id, dir, l.shimPID, l.shimStart, l)
+	if p.stopReason != "" {
+		grace := a.cfg.Grace
+		if p.stopReason == api.ReasonMemoryLimit {
+			grace = 0
+		}
+		done := p.done
+		a.post(func(t *table) { t.a.kill(l.pid, l.start, grace, done) })
+	}
+}
+
+// sampleMemory reads every live game server's RSS off the loop and hands
+// the readings to it, which kills those over their limit.
+func (a *Agent) sampleMemory(ctx context.Context) {
+	t := time.NewTicker(5 * a.cfg.CheckInterval)
+	defer t.Stop()
+	type target struct {
+		id    string
+		pid   int
+		start uint64
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var targets []target
+		if a.do(func(tb *table) {
+			for _, p := range tb.live {
+				if !p.inflight {
+					targets = append(targets, target{p.view.ID, p.view.PID, p.start})
+				}
+			}
+		}) != nil {
+			return
+		}
+		rss := make(map[string]int64, len(targets))
+		for _, tg := range targets {
+			if n, err := readRSS(tg.pid); err == nil && pidAlive(tg.pid, tg.start) {
+				rss[tg.id] = n
+			}
+		}
+		a.post(func(tb *table) { tb.sample(rss) })
+	}
+}
+
+// drain stops every game server and waits for them (--drain).
+func (a *Agent) drain() {
+	var dones []chan struct{}
+	if a.do(func(t *table) {
+		t.shuttingDown = true
+		dones = t.stopAll(a.cfg.Grace)
+	}) != nil {
+		return
+	}
+	a.log.Info("draining", "processes", len(dones))
+	deadline := time.After(a.cfg.Grace + 5*time.Second)
+	for _, d := range dones {
+		select {
+		case <-d:
+		case <-deadline:
+			return
+		}
+	}
+}
+
+// report sends numbered status reports to the VMM: every interval and at
+// once on each change, retrying with backoff while the VMM is unreachable.
+func (a *Agent) report(ctx context.Context) {
+	client := &http.Client{Timeout: 5 * time.Second}
+	url := strings.TrimSuffix(a.cfg.VMMURL, "/") + "/v1/machines/" + a.cfg.MachineID + "/status"
+	tick := a.clock.NewTicker(a.cfg.ReportInterval)
+	defer tick.Stop()
+	backoff := time.Duration(0)
+	for {
+		if backoff > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+		} else {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C():
+			case <-a.changed:
+			}
+		}
+		var st api.Status
+		if a.do(func(t *table) { st = t.status(true) }) != nil {
+			return
+		}
+		if err := a.send(ctx, client, url, st); err != nil {
+			if backoff == 0 {
+				a.log.Warn("status report failed; retrying", "seq", st.Seq, "err", err)
+				backoff = 100 * time.Millisecond
+			} else if backoff *= 2; backoff > a.cfg.ReportInterval {
+				backoff = a.cfg.ReportInterval
+			}
+			continue
+		}
+		if backoff > 0 {
+			a.log.Info("status reports delivered again", "seq", st.Seq)
+		}
+		backoff = 0
+	}
+}
+
+func (a *Agent) send(ctx context.Context, client *http.Client, url string, st api.Status) error {
+	body, _ := json.Marshal(st)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+a.cfg.Token)
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("vmm answered %s", resp.Status)
+	}
+	return nil
+}
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

@@ -1,0 +1,185 @@
+package lspm
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is everything an LSPM needs; cmd/dedi fills it from flags and the
+// environment, tests fill it directly.
+type Config struct {
+	// Listen is the address of the REST API (host:port; port 0 picks one,
+	// written to DataDir/lspm.addr once listening).
+	Listen string
+	// DataDir holds process records, logs and the report sequence.
+	DataDir string
+	// MachineID names this machine in reports and in the processes' env.
+	MachineID string
+	// Token is the machine token; empty only with Insecure.
+	Token string
+	// Insecure lets the LSPM run without a machine token (local development).
+	Insecure bool
+	// VMMURL, when set, receives numbered status reports.
+	VMMURL string
+	// ReportInterval is the period of status reports (default 2s).
+	ReportInterval time.Duration
+	// MaxProcesses is the number of live processes this machine takes.
+	MaxProcesses int
+	// PortMin and PortMax bound the ports handed to processes.
+	PortMin, PortMax int
+	// Address is the address game clients use to reach this machine's
+	// processes (the process object's "address"); default the listen host.
+	Address string
+	// SDKURL is the LSPM base URL given to processes; default from Listen.
+	SDKURL string
+	// DefaultCommand runs when a spawn request names no command; it is
+	// always allowed.
+	DefaultCommand []string
+	// Allow lists the executables a spawn may name, with optional SHA-256.
+	Allow []Allowed
+	// Health holds the defaults of per-process health settings.
+	HealthPeriod     time.Duration
+	FailureThreshold int
+	StartTimeout     time.Duration
+	// MemoryLimit is the default RSS limit in bytes (0: none).
+	MemoryLimit int64
+	// Grace is the default time between SIGTERM and SIGKILL.
+	Grace time.Duration
+	// LogMaxBytes caps one process's log file; one rotated file of the same
+	// size is kept beside it.
+	LogMaxBytes int64
+	// History is the number of ended processes kept (records and logs).
+	History int
+	// DrainOnExit stops every game server before the LSPM exits on
+	// SIGTERM; by default they keep running.
+	DrainOnExit bool
+	// ShimPath is the executable run as "ShimPath shim DIR" to parent each
+	// game server; default the running binary.
+	ShimPath string
+	// CheckInterval is how often health deadlines and memory are checked.
+	CheckInterval time.Duration
+}
+
+// Allowed is one executable the LSPM may run.
+type Allowed struct {
+	Path   string
+	SHA256 string // lower-case hex, or empty for any content
+}
+
+// ParseAllowed reads PATH[=SHA256].
+func ParseAllowed(s string) (Allowed, error) {
+	path, sum, hasSum := strings.Cut(s, "=")
+	if path == "" {
+		return Allowed{}, errors.New("empty path")
+	}
+	a := Allowed{Path: path}
+	if hasSum {
+		sum = strings.ToLower(sum)
+		if !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(sum) {
+			return Allowed{}, fmt.Errorf("%q is not a hex SHA-256", sum)
+		}
+		a.SHA256 = sum
+	}
+	return a, nil
+}
+
+// ParsePortRange reads "MIN-MAX".
+func ParsePortRange(s string) (int, int, error) {
+	lo, hi, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("port range %q: want MIN-MAX", s)
+	}
+	min, err1 := strconv.Atoi(lo)
+	max, err2 := strconv.Atoi(hi)
+	if err1 != nil || err2 != nil || min < 1 || max > 65535 || min > max {
+		return 0, 0, fmt.Errorf("port range %q: want 1 <= MIN <= MAX <= 65535", s)
+	}
+	return min, max, nil
+}
+
+// withDefaults returns c with zero fields set to their defaults.
+func (c Config) withDefaults() Config {
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:7701"
+	}
+	if c.ReportInterval == 0 {
+		c.ReportInterval = 2 * time.Second
+	}
+	if c.MaxProcesses == 0 {
+		c.MaxProcesses = 4
+	}
+	if c.PortMin == 0 && c.PortMax == 0 {
+		c.PortMin, c.PortMax = 30000, 30999
+	}
+	if c.HealthPeriod == 0 {
+		c.HealthPeriod = 2 * time.Second
+	}
+	if c.FailureThreshold == 0 {
+		c.FailureThreshold = 3
+	}
+	if c.StartTimeout == 0 {
+		c.StartTimeout = 60 * time.Second
+	}
+	if c.Grace == 0 {
+		c.Grace = 10 * time.Second
+	}
+	if c.LogMaxBytes == 0 {
+		c.LogMaxBytes = 8 << 20
+	}
+	if c.History == 0 {
+		c.History = 100
+	}
+	if c.CheckInterval == 0 {
+		c.CheckInterval = 100 * time.Millisecond
+	}
+	return c
+}
+
+var machineIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// Validate reports the first problem of a defaulted config.
+func (c Config) Validate() error {
+	if c.DataDir == "" {
+		return errors.New("--data-dir is required")
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		return fmt.Errorf("--data-dir %q must be an absolute path", c.DataDir)
+	}
+	if !machineIDPattern.MatchString(c.MachineID) {
+		return fmt.Errorf("--machine-id %q: want 1-128 of [A-Za-z0-9._-], starting with a letter or digit", c.MachineID)
+	}
+	if c.Token == "" && !c.Insecure {
+		return errors.New("a machine token is required (--token or DEDI_MACHINE_TOKEN); --insecure runs without one, for local development only")
+	}
+	if c.Token != "" && len(c.Token) < 16 {
+		return errors.New("the machine token must be at least 16 characters")
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("--listen %q: %v", c.Listen, err)
+	}
+	if c.MaxProcesses < 1 {
+		return fmt.Errorf("--max-processes %d: want at least 1", c.MaxProcesses)
+	}
+	if c.PortMin < 1 || c.PortMax > 65535 || c.PortMin > c.PortMax {
+		return fmt.Errorf("port range %d-%d is not valid", c.PortMin, c.PortMax)
+	}
+	if c.FailureThreshold < 1 || c.HealthPeriod <= 0 || c.StartTimeout <= 0 || c.Grace < 0 {
+		return errors.New("health period, failure threshold and start timeout must be positive")
+	}
+	if c.ReportInterval <= 0 || c.CheckInterval <= 0 {
+		return errors.New("report and check intervals must be positive")
+	}
+	if c.History < 1 || c.LogMaxBytes < 1024 {
+		return errors.New("history must be at least 1 and the log cap at least 1 KiB")
+	}
+	if c.MemoryLimit < 0 {
+		return errors.New("memory limit must not be negative")
+	}
+	return nil
+}

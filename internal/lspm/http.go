@@ -1,0 +1,451 @@
+package lspm
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/rest"
+)
+
+// Handler is the LSPM's REST API (API.md, LSPM part).
+func (a *Agent) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		rest.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /v1/status", a.machine(a.getStatus))
+	mux.HandleFunc("POST /v1/processes", a.machine(a.postProcess))
+	mux.HandleFunc("GET /v1/processes", a.machine(a.listProcesses))
+	mux.HandleFunc("GET /v1/processes/{id}", a.getProcess)
+	mux.HandleFunc("DELETE /v1/processes/{id}", a.machine(a.deleteProcess))
+	mux.HandleFunc("GET /v1/processes/{id}/logs", a.machine(a.getLogs))
+	mux.HandleFunc("POST /v1/processes/{id}/allocate", a.machine(a.postAllocate))
+	mux.HandleFunc("POST /v1/processes/{id}/ready", a.processCall(a.postReady))
+	mux.HandleFunc("POST /v1/processes/{id}/heartbeat", a.processCall(a.postHeartbeat))
+	mux.HandleFunc("POST /v1/processes/{id}/shutdown", a.processCall(a.postProcessShutdown))
+	mux.HandleFunc("POST /v1/shutdown", a.machine(a.postShutdown))
+	return problems(mux, a)
+}
+
+// problems turns the mux's plain-text 404 and 405 into problem+json and a
+// panic into a 500 problem.
+func problems(mux *http.ServeMux, a *Agent) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				a.log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(v))
+				rest.WriteError(w, nil)
+			}
+		}()
+		h, pattern := mux.Handler(r)
+		if pattern == "" {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, r)
+			if allow := rec.Header().Get("Allow"); allow != "" {
+				w.Header().Set("Allow", allow)
+			}
+			if rec.Code == http.StatusMethodNotAllowed {
+				rest.WriteError(w, rest.Errorf(rest.MethodNotAllowed, "", "%s is not allowed on %s", r.Method, r.URL.Path))
+				return
+			}
+			rest.NotFoundHandler(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+type principal struct {
+	machine bool
+	process string // id of the process whose token was used
+}
+
+// who identifies the caller: the machine, a process, or nobody (401).
+func (a *Agent) who(r *http.Request) (principal, error) {
+	tok := rest.BearerToken(r)
+	if tok != "" {
+		th := rest.TokenHash(tok)
+		if a.machineTH != "" && rest.TokenEqual(th, a.machineTH) {
+			return principal{machine: true}, nil
+		}
+		var id string
+		if err := a.do(func(t *table) { id = t.principal(th) }); err != nil {
+			return principal{}, err
+		}
+		if id != "" {
+			return principal{process: id}, nil
+		}
+	}
+	if a.cfg.Insecure && a.machineTH == "" {
+		return principal{machine: true}, nil
+	}
+	return principal{}, rest.ErrUnauthorized()
+}
+
+// machine guards a route that only the machine token may call.
+func (a *Agent) machine(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		p, err := a.who(r)
+		if err == nil && !p.machine {
+			err = rest.ErrForbidden("call " + r.Method + " " + r.URL.Path)
+		}
+		if err != nil {
+			rest.WriteError(w, err)
+			return
+		}
+		h(w, r)
+	}
+}
+
+// processOp is the part of an SDK call that runs on the loop.
+type processOp func(t *table, p *proc) (any, error)
+
+// processCall guards an SDK route: only the token of that very process.
+// The handler body runs on the loop, so auth and the state change are one
+// step.
+func (a *Agent) processCall(h func(r *http.Request) (processOp, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		tok := rest.BearerToken(r)
+		if tok == "" {
+			rest.WriteError(w, rest.ErrUnauthorized())
+			return
+		}
+		th := rest.TokenHash(tok)
+		if a.machineTH != "" && rest.TokenEqual(th, a.machineTH) {
+			rest.WriteError(w, rest.ErrForbidden("call a process's SDK route; use that process's token"))
+			return
+		}
+		op, err := h(r)
+		if err != nil {
+			rest.WriteError(w, err)
+			return
+		}
+		var out any
+		if derr := a.do(func(t *table) {
+			var p *proc
+			if p, err = t.processCall(id, th); err == nil {
+				out, err = op(t, p)
+			}
+		}); derr != nil {
+			err = derr
+		}
+		if err != nil {
+			rest.WriteError(w, err)
+			return
+		}
+		rest.WriteJSON(w, http.StatusOK, out)
+	}
+}
+
+func (a *Agent) getStatus(w http.ResponseWriter, r *http.Request) {
+	var st api.Status
+	if err := a.do(func(t *table) { st = t.status(false) }); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, st)
+}
+
+func (a *Agent) postProcess(w http.ResponseWriter, r *http.Request) {
+	var req api.SpawnRequest
+	if err := rest.DecodeJSON(r, &req, false); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	p, err := a.Spawn(req)
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusCreated, p)
+}
+
+var (
+	portNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,31}$`)
+	envNamePattern  = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,127}$`)
+)
+
+// validateSpawn checks what JSON decoding cannot: shapes and bounds.
+func validateSpawn(req *api.SpawnRequest) error {
+	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
+	if req.ID != "" && !idPattern.MatchString(req.ID) {
+		return bad("id %q: want 1-128 of [A-Za-z0-9._-], starting with a letter or digit", req.ID)
+	}
+	if len(req.Command) > 0 && req.Command[0] == "" {
+		return bad("command[0] must name an executable")
+	}
+	for _, arg := range req.Command {
+		if strings.IndexByte(arg, 0) >= 0 {
+			return bad("command arguments must not contain NUL bytes")
+		}
+	}
+	seen := map[string]bool{}
+	if len(req.Ports) > 16 {
+		return bad("at most 16 ports per process")
+	}
+	for _, name := range req.Ports {
+		if !portNamePattern.MatchString(name) {
+			return bad("port name %q: want lower-case letters, digits and _, starting with a letter", name)
+		}
+		if seen[name] {
+			return bad("port %q named twice", name)
+		}
+		seen[name] = true
+	}
+	for k, v := range req.Env {
+		if !envNamePattern.MatchString(k) || strings.HasPrefix(k, "DEDI_") || strings.HasPrefix(k, "AGONES_") {
+			return bad("env name %q: want [A-Za-z_][A-Za-z0-9_]*, and DEDI_* and AGONES_* are reserved", k)
+		}
+		if strings.IndexByte(v, 0) >= 0 {
+			return bad("env %s must not contain NUL bytes", k)
+		}
+	}
+	for k := range req.Labels {
+		if k == "" || len(k) > 128 {
+			return bad("label names must be 1-128 characters")
+		}
+	}
+	if h := req.Health; h != nil {
+		if h.PeriodSeconds < 0 || h.FailureThreshold < 0 || h.StartTimeoutSeconds < 0 ||
+			h.PeriodSeconds > 3600 || h.StartTimeoutSeconds > 86400 || h.FailureThreshold > 1000 {
+			return bad("health: periodSeconds (0-3600), failureThreshold (0-1000) and startTimeoutSeconds (0-86400) are out of range")
+		}
+		if h.PeriodSeconds != 0 && h.PeriodSeconds < 0.01 {
+			return bad("health.periodSeconds must be at least 0.01")
+		}
+	}
+	switch req.SDK {
+	case "", api.SDKDedi:
+	case api.SDKAgones:
+		return rest.Errorf(rest.Invalid, "unsupported", "sdk %q is not supported by this LSPM yet", req.SDK)
+	default:
+		return bad("sdk %q: want %q or %q", req.SDK, api.SDKDedi, api.SDKAgones)
+	}
+	return nil
+}
+
+func (a *Agent) listProcesses(w http.ResponseWriter, r *http.Request) {
+	var items []api.Process
+	if err := a.do(func(t *table) { items = t.all() }); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, api.List[api.Process]{Items: items})
+}
+
+// getProcess takes the machine token or that process's own token.
+func (a *Agent) getProcess(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	who, err := a.who(r)
+	if err == nil && !who.machine && who.process != id {
+		err = rest.ErrForbidden("read another process")
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	p, err := a.find(id)
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, p)
+}
+
+func (a *Agent) find(id string) (api.Process, error) {
+	var view api.Process
+	found := false
+	if err := a.do(func(t *table) {
+		if p := t.lookup(id); p != nil && !p.inflight {
+			view, found = p.view, true
+		}
+	}); err != nil {
+		return view, err
+	}
+	if !found {
+		return view, rest.Errorf(rest.NotFound, "", "no process %q on this machine", id)
+	}
+	return view, nil
+}
+
+func (a *Agent) deleteProcess(w http.ResponseWriter, r *http.Request) {
+	grace := a.cfg.Grace
+	if s := r.URL.Query().Get("grace"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 || d > time.Hour {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "grace %q: want a duration such as 10s, from 0 to 1h", s))
+			return
+		}
+		grace = d
+	}
+	id := r.PathValue("id")
+	var view api.Process
+	var err error
+	if derr := a.do(func(t *table) {
+		p := t.lookup(id)
+		switch {
+		case p == nil || p.inflight:
+			err = rest.Errorf(rest.NotFound, "", "no process %q on this machine", id)
+		case api.IsTerminal(p.view.State):
+			view = p.view
+		default:
+			t.stop(p, api.ReasonKilled, "stopped on request", grace)
+			view = p.view
+		}
+	}); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusAccepted, view)
+}
+
+func (a *Agent) postAllocate(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	var view api.Process
+	var err error
+	if derr := a.do(func(t *table) {
+		p := t.lookup(id)
+		if p == nil || p.inflight {
+			err = rest.Errorf(rest.NotFound, "", "no process %q on this machine", id)
+			return
+		}
+		if err = t.allocate(p); err == nil {
+			view = p.view
+		}
+	}); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, view)
+}
+
+func (a *Agent) getLogs(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	tail := 0
+	if s := q.Get("tail"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 0 || n > 1_000_000 {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "tail %q: want a whole number of lines from 0 to 1000000", s))
+			return
+		}
+		tail = n
+	}
+	follow := false
+	if s := q.Get("follow"); s != "" {
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "follow %q: want true or false", s))
+			return
+		}
+		follow = b
+	}
+	id := r.PathValue("id")
+	var dir string
+	var done chan struct{}
+	if err := a.do(func(t *table) {
+		if p := t.lookup(id); p != nil && !p.inflight {
+			dir, done = p.dir, p.done
+		}
+	}); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if dir == "" {
+		rest.WriteError(w, rest.Errorf(rest.NotFound, "", "no process %q on this machine", id))
+		return
+	}
+	path := filepath.Join(dir, logFile)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	var offset int64
+	if st, err := os.Stat(path); err == nil {
+		offset = st.Size()
+	}
+	lines := tailLines(path, tail)
+	w.WriteHeader(http.StatusOK)
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
+	if follow {
+		ctx, cancel := context.WithCancel(r.Context())
+		defer cancel()
+		if a.runCtx != nil {
+			stop := context.AfterFunc(a.runCtx, cancel)
+			defer stop()
+		}
+		followLog(ctx, w, path, offset, done)
+	}
+}
+
+func (a *Agent) postReady(r *http.Request) (processOp, error) {
+	return func(t *table, p *proc) (any, error) {
+		t.ready(p)
+		return p.view, nil
+	}, nil
+}
+
+func (a *Agent) postHeartbeat(r *http.Request) (processOp, error) {
+	var hb api.Heartbeat
+	if err := rest.DecodeJSON(r, &hb, true); err != nil {
+		return nil, err
+	}
+	if err := validateHeartbeat(hb); err != nil {
+		return nil, err
+	}
+	return func(t *table, p *proc) (any, error) {
+		t.heartbeat(p, hb)
+		return p.view, nil
+	}, nil
+}
+
+func validateHeartbeat(hb api.Heartbeat) error {
+	if hb.Players != nil && (*hb.Players < 0 || *hb.Players > 1_000_000) {
+		return rest.Errorf(rest.Invalid, "", "players must be from 0 to 1000000")
+	}
+	if hb.Instances != nil && (*hb.Instances < 0 || *hb.Instances > 100_000) {
+		return rest.Errorf(rest.Invalid, "", "instances must be from 0 to 100000")
+	}
+	return nil
+}
+
+func (a *Agent) postProcessShutdown(r *http.Request) (processOp, error) {
+	return func(t *table, p *proc) (any, error) {
+		if !api.IsTerminal(p.view.State) && p.announcedAt == nil {
+			now := t.now()
+			p.announcedAt = &now
+			t.persist(p)
+		}
+		return p.view, nil
+	}, nil
+}
+
+func (a *Agent) postShutdown(w http.ResponseWriter, r *http.Request) {
+	var err error
+	if derr := a.do(func(t *table) { err = t.shutdown() }); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, api.ShutdownAnswer{Accepted: true})
+}

@@ -1,0 +1,627 @@
+package lspm
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"syscall"
+	"time"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/rest"
+)
+
+// table is the LSPM's state machine: every process, the port map, the
+// machine state and the report sequence. It is owned by the Agent's loop
+// goroutine; nothing else touches it. Other goroutines send it commands
+// (func(*table) closures run on the loop) and get copies back.
+//
+// A process moves through
+//
+//	(reserved, in flight) --shim started--> starting --ready--> ready --allocate--> allocated
+//	     |                                     |                  |                    |
+//	     +-- spawn failed: forgotten           +------------------+--------------------+--> exited | crashed | unhealthy | killed | lost
+//
+// and the machine through empty <-> partial <-> full, then shutting_down
+// once the handshake was accepted (never back).
+type table struct {
+	a *Agent
+
+	live      map[string]*proc // reserved, starting, ready, allocated (also while being stopped)
+	ended     []*proc          // history, oldest first, at most cfg.History
+	endedByID map[string]*proc
+	byToken   map[string]string // process token hash -> id
+	ports     map[int]string    // port -> id
+	nextPort  int
+
+	shuttingDown bool
+	shutdownAt   *time.Time
+	seq          uint64
+	seqReserved  uint64
+}
+
+// proc is one game server process as the table keeps it.
+type proc struct {
+	view api.Process // the wire object; maps and slices in it are never mutated
+
+	tokenHash string
+	dir       string
+	inflight  bool // reserved, shim not started yet
+	shimPID   int
+	shimStart uint64
+	start     uint64 // the game process's start time, to tell a reused pid
+
+	period       time.Duration
+	threshold    int
+	startTimeout time.Duration
+	lastBeat     time.Time
+
+	stopReason  string // set once the LSPM decided to end it
+	stopDetail  string
+	announcedAt *time.Time // the process called shutdown
+	done        chan struct{}
+}
+
+// record is a proc as persisted in DIR/record.json.
+type record struct {
+	Process     api.Process `json:"process"`
+	TokenHash   string      `json:"tokenHash"`
+	ShimPID     int         `json:"shimPid"`
+	ShimStart   uint64      `json:"shimStart"`
+	Start       uint64      `json:"start"`
+	StopReason  string      `json:"stopReason,omitempty"`
+	StopDetail  string      `json:"stopDetail,omitempty"`
+	AnnouncedAt *time.Time  `json:"announcedAt,omitempty"`
+}
+
+const recordFile = "record.json"
+
+func (p *proc) record() record {
+	return record{Process: p.view, TokenHash: p.tokenHash, ShimPID: p.shimPID, ShimStart: p.shimStart,
+		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt}
+}
+
+// persist writes the process record. It is the one piece of I/O the loop
+// does itself: a small file replaced by rename, without fsync (a killed
+// LSPM loses nothing the kernel has; a lost machine loses its games too),
+// done inline so records can never be written out of order.
+func (t *table) persist(p *proc) {
+	if p.inflight || p.dir == "" {
+		return
+	}
+	if err := writeFileAtomic(filepath.Join(p.dir, recordFile), mustJSON(p.record())); err != nil {
+		t.a.log.Error("persist process record", "process", p.view.ID, "err", err)
+	}
+}
+
+func (t *table) now() time.Time { return t.a.clock.Now().UTC() }
+
+// load reads the table back from the data dir after a restart.
+func (t *table) load() ([]*proc, error) {
+	raw, err := os.ReadFile(filepath.Join(t.a.cfg.DataDir, "seq"))
+	if err == nil {
+		t.seq, _ = strconv.ParseUint(string(raw), 10, 64)
+		t.seqReserved = t.seq
+	}
+	if _, err := os.Stat(filepath.Join(t.a.cfg.DataDir, "shutdown")); err == nil {
+		now := t.now()
+		t.shuttingDown, t.shutdownAt = true, &now
+	}
+	entries, err := os.ReadDir(t.a.procsDir())
+	if err != nil {
+		return nil, err
+	}
+	var adopted []*proc
+	for _, e := range entries {
+		dir := filepath.Join(t.a.procsDir(), e.Name())
+		raw, err := os.ReadFile(filepath.Join(dir, recordFile))
+		if err != nil {
+			// A spawn that died before its record: nothing ran, or its
+			// shim will leave an exit record we have no use for.
+			t.a.removeLater(dir)
+			continue
+		}
+		var rec record
+		if err := jsonUnmarshal(raw, &rec); err != nil || rec.Process.ID != e.Name() {
+			t.a.log.Warn("unreadable process record, removing", "dir", dir, "err", err)
+			t.a.removeLater(dir)
+			continue
+		}
+		p := &proc{view: rec.Process, tokenHash: rec.TokenHash, dir: dir, shimPID: rec.ShimPID,
+			shimStart: rec.ShimStart, start: rec.Start, stopReason: rec.StopReason,
+			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, done: make(chan struct{})}
+		p.period, p.threshold, p.startTimeout = t.a.healthOf(p.view.Health)
+		if api.IsTerminal(p.view.State) {
+			close(p.done)
+			t.ended = append(t.ended, p)
+			t.endedByID[p.view.ID] = p
+			continue
+		}
+		// Live when we died: heartbeats count from now, so a restart never
+		// makes a healthy game look hung.
+		p.lastBeat = t.now()
+		t.live[p.view.ID] = p
+		t.byToken[p.tokenHash] = p.view.ID
+		for _, port := range p.view.Ports {
+			t.ports[port] = p.view.ID
+		}
+		adopted = append(adopted, p)
+	}
+	sort.Slice(t.ended, func(i, j int) bool { return endedAt(t.ended[i]).Before(endedAt(t.ended[j])) })
+	t.trimHistory()
+	return adopted, nil
+}
+
+func endedAt(p *proc) time.Time {
+	if p.view.EndedAt != nil {
+		return *p.view.EndedAt
+	}
+	return p.view.CreatedAt
+}
+
+// loadState is the machine state of the Status object.
+func (t *table) loadState() string {
+	switch {
+	case t.shuttingDown:
+		return api.LoadShuttingDown
+	case len(t.live) == 0:
+		return api.LoadEmpty
+	case len(t.live) >= t.a.cfg.MaxProcesses:
+		return api.LoadFull
+	}
+	return api.LoadPartial
+}
+
+// changed tells the reporter that the state moved.
+func (t *table) changed() {
+	select {
+	case t.a.changed <- struct{}{}:
+	default:
+	}
+}
+
+// spawnPlan is what reserve hands the spawning goroutine.
+type spawnPlan struct {
+	id    string
+	dir   string
+	ports map[string]int
+}
+
+// reserve admits a spawn: it is the single point where the handshake, the
+// capacity and port allocation are decided, so a spawn and a handshake can
+// never both succeed against each other.
+func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHash string, portNames []string) (spawnPlan, error) {
+	if t.shuttingDown {
+		return spawnPlan{}, rest.Errorf(rest.Unavailable, api.CodeShuttingDown, "machine %s is shutting down and takes no new processes", t.a.cfg.MachineID)
+	}
+	if len(t.live) >= t.a.cfg.MaxProcesses {
+		return spawnPlan{}, rest.Errorf(rest.Conflict, api.CodeFull, "machine %s runs %d of %d processes", t.a.cfg.MachineID, len(t.live), t.a.cfg.MaxProcesses)
+	}
+	if _, ok := t.live[id]; ok {
+		return spawnPlan{}, rest.Errorf(rest.Conflict, api.CodeExists, "process %s exists", id)
+	}
+	if _, ok := t.endedByID[id]; ok {
+		return spawnPlan{}, rest.Errorf(rest.Conflict, api.CodeExists, "process %s exists (ended)", id)
+	}
+	ports := make(map[string]int, len(portNames))
+	for _, name := range portNames {
+		port, ok := t.allocPort(id)
+		if !ok {
+			for _, p := range ports {
+				delete(t.ports, p)
+			}
+			return spawnPlan{}, rest.Errorf(rest.Conflict, api.CodeFull, "no free port left in %d-%d", t.a.cfg.PortMin, t.a.cfg.PortMax)
+		}
+		ports[name] = port
+	}
+	h := req.Health
+	if h == nil {
+		h = &api.Health{}
+	}
+	p := &proc{
+		view: api.Process{
+			ID: id, Fleet: req.Fleet, MachineID: t.a.cfg.MachineID, State: api.StateStarting,
+			Command: argv, Params: req.Params, Labels: req.Labels, Address: t.a.address,
+			Ports: ports, SDK: req.SDK, CreatedAt: t.now(),
+			MemoryLimitBytes: req.MemoryLimitBytes,
+		},
+		tokenHash: tokenHash,
+		dir:       filepath.Join(t.a.procsDir(), id),
+		inflight:  true,
+		done:      make(chan struct{}),
+	}
+	if p.view.Params == nil {
+		p.view.Params = map[string]any{}
+	}
+	if p.view.Labels == nil {
+		p.view.Labels = map[string]string{}
+	}
+	if p.view.SDK == "" {
+		p.view.SDK = api.SDKDedi
+	}
+	if p.view.MemoryLimitBytes == 0 {
+		p.view.MemoryLimitBytes = t.a.cfg.MemoryLimit
+	} else if p.view.MemoryLimitBytes < 0 {
+		p.view.MemoryLimitBytes = 0
+	}
+	p.period, p.threshold, p.startTimeout = t.a.healthOf(*h)
+	p.view.Health = api.Health{PeriodSeconds: p.period.Seconds(), FailureThreshold: p.threshold, StartTimeoutSeconds: p.startTimeout.Seconds()}
+	t.live[id] = p
+	t.byToken[tokenHash] = id
+	t.changed()
+	return spawnPlan{id: id, dir: p.dir, ports: ports}, nil
+}
+
+// allocPort hands out the next port of the range that no live process holds
+// and that nothing else on the host has bound.
+func (t *table) allocPort(id string) (int, bool) {
+	n := t.a.cfg.PortMax - t.a.cfg.PortMin + 1
+	for i := 0; i < n; i++ {
+		port := t.a.cfg.PortMin + (t.nextPort+i)%n
+		if _, used := t.ports[port]; used || !portFree(port) {
+			continue
+		}
+		t.ports[port] = id
+		t.nextPort = (port - t.a.cfg.PortMin + 1) % n
+		return port, true
+	}
+	return 0, false
+}
+
+// portFree checks that both TCP and UDP can bind the port on all addresses.
+func portFree(port int) bool {
+	addr := ":" + strconv.Itoa(port)
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return false
+	}
+	l.Close()
+	c, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// commit records a started game server.
+func (t *table) commit(id string, l launched) api.Process {
+	p := t.live[id]
+	p.inflight = false
+	p.shimPID, p.shimStart, p.start = l.shimPID, l.shimStart, l.start
+	p.view.PID = l.pid
+	p.lastBeat = t.now()
+	t.persist(p)
+	t.changed()
+	return p.view
+}
+
+// abort forgets a reservation whose shim could not start the game.
+func (t *table) abort(id string) {
+	p := t.live[id]
+	if p == nil {
+		return
+	}
+	t.release(p)
+	delete(t.live, id)
+	t.changed()
+}
+
+func (t *table) release(p *proc) {
+	for _, port := range p.view.Ports {
+		if t.ports[port] == p.view.ID {
+			delete(t.ports, port)
+		}
+	}
+	delete(t.byToken, p.tokenHash)
+}
+
+// end records the end of a game server from its shim's exit record (nil
+// when the shim vanished without one).
+func (t *table) end(id string, ex *exitRecord, tail []string, detail string) {
+	p := t.live[id]
+	if p == nil || p.inflight {
+		return
+	}
+	now := t.now()
+	exit := &api.Exit{Reason: api.ReasonCrashed, LogTail: tail, Detail: p.stopDetail}
+	if exit.LogTail == nil {
+		exit.LogTail = []string{}
+	}
+	if ex == nil {
+		exit.Reason, exit.Detail = api.ReasonLost, detail
+		p.view.State = api.StateLost
+	} else {
+		exit.Code, exit.Signal = ex.Code, ex.Signal
+		now = ex.At
+		clean := ex.Code != nil && *ex.Code == 0
+		switch {
+		case p.stopReason == api.ReasonKilled:
+			exit.Reason, p.view.State = api.ReasonKilled, api.StateKilled
+		case p.stopReason == api.ReasonUnhealthy:
+			exit.Reason, p.view.State = api.ReasonUnhealthy, api.StateUnhealthy
+		case p.stopReason == api.ReasonMemoryLimit:
+			exit.Reason, p.view.State = api.ReasonMemoryLimit, api.StateCrashed
+		case clean:
+			exit.Reason, p.view.State = api.ReasonExited, api.StateExited
+		default:
+			p.view.State = api.StateCrashed
+			if exit.Detail == "" {
+				exit.Detail = describeExit(ex)
+			}
+		}
+	}
+	p.view.EndedAt = &now
+	p.view.Exit = exit
+	t.release(p)
+	delete(t.live, id)
+	t.ended = append(t.ended, p)
+	t.endedByID[id] = p
+	close(p.done)
+	t.persist(p)
+	t.trimHistory()
+	t.changed()
+	t.a.log.Info("process ended", "process", id, "state", p.view.State, "reason", exit.Reason,
+		"code", codeString(exit.Code), "signal", exit.Signal)
+}
+
+func codeString(c *int) string {
+	if c == nil {
+		return ""
+	}
+	return strconv.Itoa(*c)
+}
+
+func describeExit(ex *exitRecord) string {
+	if ex.Signal != "" {
+		return "killed by " + ex.Signal
+	}
+	return fmt.Sprintf("exited with code %s", codeString(ex.Code))
+}
+
+// trimHistory keeps the newest cfg.History ended processes; older records
+// and logs are removed from disk.
+func (t *table) trimHistory() {
+	for len(t.ended) > t.a.cfg.History {
+		old := t.ended[0]
+		t.ended = t.ended[1:]
+		delete(t.endedByID, old.view.ID)
+		t.a.removeLater(old.dir)
+	}
+}
+
+// stop asks a live process to end: SIGTERM to its group, SIGKILL after
+// grace. The first reason given wins.
+func (t *table) stop(p *proc, reason, detail string, grace time.Duration) {
+	if p.inflight || p.stopReason != "" && reason != api.ReasonKilled {
+		return
+	}
+	if p.stopReason == "" {
+		p.stopReason, p.stopDetail = reason, detail
+		t.persist(p)
+		t.a.log.Info("stopping process", "process", p.view.ID, "reason", reason, "detail", detail)
+	}
+	t.a.kill(p.view.PID, p.start, grace, p.done)
+}
+
+// checkHealth is the health clock: start timeouts, missed heartbeats, and
+// the grace of processes that announced their end.
+func (t *table) checkHealth() {
+	now := t.now()
+	for _, p := range t.live {
+		if p.inflight || p.stopReason != "" {
+			continue
+		}
+		switch {
+		case p.announcedAt != nil:
+			if now.Sub(*p.announcedAt) > t.a.cfg.Grace {
+				t.stop(p, api.ReasonKilled, fmt.Sprintf("announced shutdown but still running after the %s grace", t.a.cfg.Grace), 0)
+			}
+		case p.view.State == api.StateStarting:
+			if now.Sub(p.view.CreatedAt) > p.startTimeout {
+				t.stop(p, api.ReasonUnhealthy, fmt.Sprintf("not ready within the start timeout of %s", p.startTimeout), t.a.cfg.Grace)
+			}
+		default:
+			limit := p.period * time.Duration(p.threshold)
+			if silent := now.Sub(p.lastBeat); silent > limit {
+				t.stop(p, api.ReasonUnhealthy, fmt.Sprintf("no heartbeat for %s (%d missed periods of %s)",
+					silent.Round(time.Millisecond), p.threshold, p.period), t.a.cfg.Grace)
+			}
+		}
+	}
+}
+
+// sample applies the memory sampler's readings.
+func (t *table) sample(rss map[string]int64) {
+	for id, bytes := range rss {
+		p := t.live[id]
+		if p == nil {
+			continue
+		}
+		p.view.RSSBytes = bytes
+		if limit := p.view.MemoryLimitBytes; limit > 0 && bytes > limit && p.stopReason == "" {
+			t.stop(p, api.ReasonMemoryLimit, fmt.Sprintf("resident memory %d bytes passed the limit of %d", bytes, limit), 0)
+		}
+	}
+}
+
+// lookup finds a live or ended process.
+func (t *table) lookup(id string) *proc {
+	if p := t.live[id]; p != nil {
+		return p
+	}
+	return t.endedByID[id]
+}
+
+// principal answers who a non-machine token is: the id of the process it
+// belongs to, or "" for nobody.
+func (t *table) principal(tokenHash string) string { return t.byToken[tokenHash] }
+
+// processCall authorises a process-token call on id and returns the live
+// process.
+func (t *table) processCall(id, tokenHash string) (*proc, error) {
+	owner := t.byToken[tokenHash]
+	if owner == "" {
+		if t.endedByID[id] != nil && t.endedByID[id].tokenHash == tokenHash {
+			return t.endedByID[id], nil
+		}
+		return nil, rest.ErrUnauthorized()
+	}
+	if owner != id {
+		return nil, rest.ErrForbidden("act on another process")
+	}
+	return t.live[id], nil
+}
+
+func (t *table) ready(p *proc) {
+	if p.view.State != api.StateStarting || p.inflight {
+		return
+	}
+	now := t.now()
+	p.view.State = api.StateReady
+	p.view.ReadyAt = &now
+	p.view.LastHeartbeatAt = &now
+	p.lastBeat = now
+	t.persist(p)
+	t.changed()
+}
+
+func (t *table) heartbeat(p *proc, hb api.Heartbeat) {
+	if api.IsTerminal(p.view.State) {
+		return
+	}
+	now := t.now()
+	p.lastBeat = now
+	p.view.LastHeartbeatAt = &now
+	if hb.Players != nil && *hb.Players != p.view.Players {
+		p.view.Players = *hb.Players
+		t.changed()
+	}
+	if hb.Instances != nil {
+		p.view.Instances = *hb.Instances
+	}
+}
+
+func (t *table) allocate(p *proc) error {
+	switch p.view.State {
+	case api.StateReady:
+		p.view.State = api.StateAllocated
+		t.persist(p)
+		t.changed()
+		return nil
+	case api.StateAllocated:
+		return nil
+	}
+	return rest.Errorf(rest.Conflict, "not_ready", "process %s is %s; only a ready process can be allocated", p.view.ID, p.view.State)
+}
+
+// shutdown is the handshake (DESIGN.md): atomic with reserve because both
+// run on the loop.
+func (t *table) shutdown() error {
+	if t.shuttingDown {
+		return nil
+	}
+	if n := len(t.live); n > 0 {
+		inflight := 0
+		for _, p := range t.live {
+			if p.inflight {
+				inflight++
+			}
+		}
+		return rest.Errorf(rest.Conflict, api.CodeBusy, "%d processes live, %d of them spawns in flight", n, inflight)
+	}
+	now := t.now()
+	t.shuttingDown, t.shutdownAt = true, &now
+	if err := writeFileAtomic(filepath.Join(t.a.cfg.DataDir, "shutdown"), []byte(now.Format(time.RFC3339Nano))); err != nil {
+		t.a.log.Error("persist shutdown marker", "err", err)
+	}
+	t.changed()
+	t.a.log.Info("shutdown handshake accepted")
+	return nil
+}
+
+// status returns the Status object; with next it takes a new report
+// sequence number, persisted in blocks so it keeps rising across restarts.
+func (t *table) status(next bool) api.Status {
+	if next {
+		t.seq++
+		if t.seq > t.seqReserved {
+			t.seqReserved = t.seq + 1000
+			if err := writeFileAtomic(filepath.Join(t.a.cfg.DataDir, "seq"), []byte(strconv.FormatUint(t.seqReserved, 10))); err != nil {
+				t.a.log.Error("persist report sequence", "err", err)
+			}
+		}
+	}
+	st := api.Status{
+		MachineID: t.a.cfg.MachineID, State: t.loadState(), Seq: t.seq, MaxProcesses: t.a.cfg.MaxProcesses,
+		Processes: t.liveViews(), Hardware: t.a.hardware, StartedAt: t.a.startedAt, ShutdownAt: t.shutdownAt, At: t.now(),
+	}
+	// The last few ended processes ride along so the VMM learns each end
+	// even when it missed the report of the change.
+	for i := len(t.ended) - 1; i >= 0 && len(st.Ended) < 32; i-- {
+		st.Ended = append(st.Ended, t.ended[i].view)
+	}
+	return st
+}
+
+func (t *table) liveViews() []api.Process {
+	out := make([]api.Process, 0, len(t.live))
+	for _, p := range t.live {
+		if !p.inflight {
+			out = append(out, p.view)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].CreatedAt.Before(out[j].CreatedAt) })
+	return out
+}
+
+// all is GET /v1/processes: live first, then ended newest first.
+func (t *table) all() []api.Process {
+	out := t.liveViews()
+	for i := len(t.ended) - 1; i >= 0; i-- {
+		out = append(out, t.ended[i].view)
+	}
+	return out
+}
+
+// killTargets lists the live processes for a drain.
+func (t *table) stopAll(grace time.Duration) []chan struct{} {
+	var dones []chan struct{}
+	for _, p := range t.live {
+		if p.inflight {
+			continue
+		}
+		t.stop(p, api.ReasonKilled, "the LSPM drained on exit", grace)
+		dones = append(dones, p.done)
+	}
+	return dones
+}
+
+// kill sends SIGTERM to a process group and SIGKILL after grace unless done
+// closes first; it runs off the loop.
+func (a *Agent) kill(pid int, start uint64, grace time.Duration, done <-chan struct{}) {
+	signal := func(sig syscall.Signal) {
+		if pidAlive(pid, start) {
+			_ = syscall.Kill(-pid, sig)
+		}
+	}
+	if grace <= 0 {
+		signal(syscall.SIGKILL)
+		return
+	}
+	signal(syscall.SIGTERM)
+	a.goOwned(func(ctx context.Context) {
+		timer := time.NewTimer(grace)
+		defer timer.Stop()
+		select {
+		case <-done:
+		case <-ctx.Done():
+		case <-timer.C:
+			signal(syscall.SIGKILL)
+		}
+	})
+}

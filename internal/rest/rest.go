@@ -1,0 +1,247 @@
+// Package rest owns the HTTP conventions of API.md shared by the LSPM and the
+// VMM: the error kinds and their one mapping to status and problem code,
+// problem+json answers, strict JSON decoding of bounded bodies, and bearer
+// tokens.
+package rest
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"dedi.dev/dedi/api"
+)
+
+// MaxBody is the largest request body accepted (API.md: 1 MiB, else 413).
+const MaxBody = 1 << 20
+
+// Kind is the small set of error kinds that map to HTTP answers.
+type Kind int
+
+// The error kinds. Each maps to exactly one HTTP status in Status.
+const (
+	Internal Kind = iota
+	Invalid
+	NotFound
+	Conflict
+	Unavailable
+	Forbidden
+	Unauthorized
+	TooLarge
+	Timeout
+	UnsupportedMedia
+	MethodNotAllowed
+)
+
+// Status is the one place where an error kind becomes an HTTP status.
+func (k Kind) Status() int {
+	switch k {
+	case Invalid:
+		return http.StatusBadRequest
+	case NotFound:
+		return http.StatusNotFound
+	case Conflict:
+		return http.StatusConflict
+	case Unavailable:
+		return http.StatusServiceUnavailable
+	case Forbidden:
+		return http.StatusForbidden
+	case Unauthorized:
+		return http.StatusUnauthorized
+	case TooLarge:
+		return http.StatusRequestEntityTooLarge
+	case Timeout:
+		return http.StatusGatewayTimeout
+	case UnsupportedMedia:
+		return http.StatusUnsupportedMediaType
+	case MethodNotAllowed:
+		return http.StatusMethodNotAllowed
+	}
+	return http.StatusInternalServerError
+}
+
+// defaultCode is the problem code of a kind when the error names none.
+func (k Kind) defaultCode() string {
+	switch k {
+	case Invalid:
+		return api.CodeInvalid
+	case NotFound:
+		return api.CodeNotFound
+	case Conflict:
+		return "conflict"
+	case Unavailable:
+		return "unavailable"
+	case Forbidden:
+		return api.CodeForbidden
+	case Unauthorized:
+		return api.CodeUnauthorized
+	case TooLarge:
+		return api.CodeTooLarge
+	case Timeout:
+		return api.CodeTimeout
+	case UnsupportedMedia:
+		return api.CodeUnsupportedMedia
+	case MethodNotAllowed:
+		return api.CodeMethodNotAllowed
+	}
+	return api.CodeInternal
+}
+
+// Error is an error with a kind and a stable problem code.
+type Error struct {
+	Kind   Kind
+	Code   string
+	Detail string
+	// RetryAfter is the Retry-After seconds of a 503 (default 1).
+	RetryAfter int
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Detail }
+
+// Errorf makes an *Error; an empty code takes the kind's default.
+func Errorf(kind Kind, code, format string, args ...any) *Error {
+	if code == "" {
+		code = kind.defaultCode()
+	}
+	return &Error{Kind: kind, Code: code, Detail: fmt.Sprintf(format, args...)}
+}
+
+// WriteJSON answers status with v as JSON.
+func WriteJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	_ = enc.Encode(v) // the client went away; nothing to do
+}
+
+// WriteError answers err as problem+json. Errors that are not *Error become
+// a 500 whose detail hides the internals.
+func WriteError(w http.ResponseWriter, err error) {
+	var e *Error
+	if !errors.As(err, &e) {
+		e = &Error{Kind: Internal, Code: api.CodeInternal, Detail: "internal error"}
+	}
+	status := e.Kind.Status()
+	p := api.Problem{
+		Type:   "https://dedi.dev/problems/" + e.Code,
+		Title:  http.StatusText(status),
+		Status: status,
+		Detail: e.Detail,
+		Code:   e.Code,
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/problem+json")
+	switch status {
+	case http.StatusUnauthorized:
+		h.Set("WWW-Authenticate", `Bearer realm="dedi"`)
+	case http.StatusServiceUnavailable:
+		ra := e.RetryAfter
+		if ra <= 0 {
+			ra = 1
+		}
+		h.Set("Retry-After", fmt.Sprint(ra))
+	}
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(p)
+}
+
+// DecodeJSON reads a bounded body strictly into v: it must be JSON, at most
+// MaxBody bytes, one value, with no unknown fields. The Content-Type is not
+// enforced (curl -d sends a form type); the body itself must be JSON. An empty body is allowed
+// only when optional is true (v is then left as it is).
+func DecodeJSON(r *http.Request, v any, optional bool) error {
+	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBody+1))
+	if err != nil {
+		return Errorf(Invalid, "", "read body: %v", err)
+	}
+	if len(body) > MaxBody {
+		return Errorf(TooLarge, "", "body is over %d bytes", MaxBody)
+	}
+	return DecodeBytes(body, v, optional)
+}
+
+// DecodeBytes is DecodeJSON's strict decoder on a body already read; it is
+// the function the fuzz tests drive.
+func DecodeBytes(body []byte, v any, optional bool) error {
+	if len(bytes.TrimSpace(body)) == 0 {
+		if optional {
+			return nil
+		}
+		return Errorf(Invalid, "", "a JSON body is required")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return Errorf(Invalid, "", "body: %s", describeJSONError(err))
+	}
+	if dec.More() {
+		return Errorf(Invalid, "", "body: more than one JSON value")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return Errorf(Invalid, "", "body: trailing data after the JSON value")
+	}
+	return nil
+}
+
+func describeJSONError(err error) string {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return fmt.Sprintf("malformed JSON at byte %d: %v", se.Offset, err)
+	case errors.As(err, &te):
+		if te.Field != "" {
+			return fmt.Sprintf("field %q must be %s, not %s", te.Field, te.Type, te.Value)
+		}
+		return fmt.Sprintf("must be %s, not %s", te.Type, te.Value)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "truncated JSON"
+	}
+	return err.Error()
+}
+
+// BearerToken returns the token of an Authorization: Bearer header, or "".
+func BearerToken(r *http.Request) string {
+	h := r.Header.Get("Authorization")
+	const prefix = "bearer "
+	if len(h) <= len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
+		return ""
+	}
+	return strings.TrimSpace(h[len(prefix):])
+}
+
+// TokenHash is the stored form of a token: hex SHA-256.
+func TokenHash(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+// TokenEqual compares two secrets in constant time.
+func TokenEqual(a, b string) bool {
+	if a == "" || b == "" {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+}
+
+// ErrUnauthorized is the answer to a missing or wrong token.
+func ErrUnauthorized() *Error {
+	return Errorf(Unauthorized, "", "a valid bearer token is required")
+}
+
+// ErrForbidden is the answer to a valid token used where it has no right.
+func ErrForbidden(what string) *Error {
+	return Errorf(Forbidden, "", "this token may not %s", what)
+}
+
+// NotFoundHandler answers unknown paths with problem+json.
+func NotFoundHandler(w http.ResponseWriter, r *http.Request) {
+	WriteError(w, Errorf(NotFound, "", "no route %s %s", r.Method, r.URL.Path))
+}

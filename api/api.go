@@ -105,7 +105,7 @@ type SpawnRequest struct {
 	Env     map[string]string `json:"env,omitempty"`
 	Labels  map[string]string `json:"labels,omitempty"`
 	// Ports names the ports to allocate; nil means ["game"], an empty list none.
-	Ports  []string `json:"ports,omitempty"`
+	Ports  []string `json:"ports"`
 	Health *Health  `json:"health,omitempty"`
 	SDK    string   `json:"sdk,omitempty"`
 	// MemoryLimitBytes kills the process (reason memory_limit) when its RSS

@@ -206,8 +206,8 @@ func validateSpawn(req *api.SpawnRequest) error {
 		seen[name] = true
 	}
 	for k, v := range req.Env {
-		if !envNamePattern.MatchString(k) || strings.HasPrefix(k, "DEDI_") || strings.HasPrefix(k, "AGONES_") {
-			return bad("env name %q: want [A-Za-z_][A-Za-z0-9_]*, and DEDI_* and AGONES_* are reserved", k)
+		if !envNamePattern.MatchString(k) || reservedEnv(k) {
+			return bad("env name %q: want [A-Za-z_][A-Za-z0-9_]*, not one that dedi sets itself (DEDI_PROCESS_*, DEDI_PORT_*, AGONES_SDK_*, ...)", k)
 		}
 		if strings.IndexByte(v, 0) >= 0 {
 			return bad("env %s must not contain NUL bytes", k)
@@ -235,6 +235,16 @@ func validateSpawn(req *api.SpawnRequest) error {
 		return bad("sdk %q: want %q or %q", req.SDK, api.SDKDedi, api.SDKAgones)
 	}
 	return nil
+}
+
+// reservedEnv reports whether the LSPM sets the variable k itself.
+func reservedEnv(k string) bool {
+	switch k {
+	case api.EnvProcessID, api.EnvProcessToken, api.EnvSDKURL, api.EnvParams, api.EnvMachineID,
+		api.EnvFleet, api.EnvHeartbeatMS, api.EnvMachineToken, api.EnvAdminToken:
+		return true
+	}
+	return strings.HasPrefix(k, api.EnvPortPrefix) || strings.HasPrefix(k, "AGONES_SDK_")
 }
 
 func (a *Agent) listProcesses(w http.ResponseWriter, r *http.Request) {

@@ -34,14 +34,26 @@ func openCappedLog(path string, max int64) (*cappedLog, error) {
 }
 
 func (l *cappedLog) Write(p []byte) (int, error) {
-	if l.size > 0 && l.size+int64(len(p)) > l.max {
-		if err := l.rotate(); err != nil {
-			return 0, err
+	written := 0
+	for len(p) > 0 {
+		if l.size >= l.max {
+			if err := l.rotate(); err != nil {
+				return written, err
+			}
 		}
+		chunk := p
+		if room := l.max - l.size; int64(len(chunk)) > room {
+			chunk = chunk[:room]
+		}
+		n, err := l.f.Write(chunk)
+		l.size += int64(n)
+		written += n
+		if err != nil {
+			return written, err
+		}
+		p = p[n:]
 	}
-	n, err := l.f.Write(p)
-	l.size += int64(n)
-	return n, err
+	return written, nil
 }
 
 func (l *cappedLog) rotate() error {
@@ -59,17 +71,16 @@ func (l *cappedLog) rotate() error {
 
 func (l *cappedLog) Close() error { return l.f.Close() }
 
-// tailLines returns the last n lines of the log at path (and its rotated
-// predecessor when the current file has fewer). n <= 0 returns everything.
+// tailLines returns the last n lines of the log at path, reaching into its
+// rotated predecessor when the current file holds too few (a line cut by
+// the rotation is joined again). n <= 0 returns everything.
 func tailLines(path string, n int) []string {
 	cur, _ := os.ReadFile(path)
-	lines := splitLines(cur)
-	if n > 0 && len(lines) >= n {
+	if lines := splitLines(cur); n > 0 && len(lines) > n {
 		return lines[len(lines)-n:]
 	}
-	if old, err := os.ReadFile(path + ".1"); err == nil {
-		lines = append(splitLines(old), lines...)
-	}
+	old, _ := os.ReadFile(path + ".1")
+	lines := splitLines(append(old, cur...))
 	if n > 0 && len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}

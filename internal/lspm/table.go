@@ -477,8 +477,10 @@ func (t *table) processCall(id, tokenHash string) (*proc, error) {
 	return t.live[id], nil
 }
 
+// ready may come before commit: a fast game server calls it before its
+// shim has told the LSPM that it started.
 func (t *table) ready(p *proc) {
-	if p.view.State != api.StateStarting || p.inflight {
+	if p.view.State != api.StateStarting {
 		return
 	}
 	now := t.now()

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -49,6 +50,12 @@ func problems(mux *http.ServeMux, a *Agent) http.Handler {
 				rest.WriteError(w, nil)
 			}
 		}()
+		// The mux would answer an untidy path (/v1//status) with an HTML
+		// redirect; the API has no such paths.
+		if p := r.URL.Path; p == "" || p[0] != '/' || path.Clean(p) != p {
+			rest.NotFoundHandler(w, r)
+			return
+		}
 		h, pattern := mux.Handler(r)
 		if pattern == "" {
 			rec := httptest.NewRecorder()
@@ -128,16 +135,16 @@ func (a *Agent) processCall(h func(r *http.Request) (processOp, error)) http.Han
 			rest.WriteError(w, rest.ErrForbidden("call a process's SDK route; use that process's token"))
 			return
 		}
-		op, err := h(r)
-		if err != nil {
-			rest.WriteError(w, err)
-			return
-		}
+		// A bad body is reported only to its own process: auth comes first.
+		op, bodyErr := h(r)
 		var out any
+		var err error
 		if derr := a.do(func(t *table) {
 			var p *proc
 			if p, err = t.processCall(id, th); err == nil {
-				out, err = op(t, p)
+				if err = bodyErr; err == nil {
+					out, err = op(t, p)
+				}
 			}
 		}); derr != nil {
 			err = derr

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"strings"
 
 	"dedi.dev/dedi/api"
@@ -187,7 +188,72 @@ func DecodeBytes(body []byte, v any, optional bool) error {
 	if _, err := dec.Token(); err != io.EOF {
 		return Errorf(Invalid, "", "body: trailing data after the JSON value")
 	}
+	// encoding/json matches field names without regard to case; the
+	// contract's names are exact, so "Command" is an unknown field.
+	var tree any
+	if err := json.Unmarshal(body, &tree); err == nil {
+		if path := inexactKey(tree, reflect.TypeOf(v)); path != "" {
+			return Errorf(Invalid, "", "body: unknown field %q (field names are case-sensitive)", path)
+		}
+	}
 	return nil
+}
+
+// inexactKey returns the first object key in tree that names no field of t
+// exactly, or "".
+func inexactKey(tree any, t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		obj, ok := tree.(map[string]any)
+		if !ok {
+			return ""
+		}
+		fields := map[string]reflect.Type{}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			if name == "-" || !f.IsExported() {
+				continue
+			}
+			if name == "" {
+				name = f.Name
+			}
+			fields[name] = f.Type
+		}
+		for k, sub := range obj {
+			ft, ok := fields[k]
+			if !ok {
+				return k
+			}
+			if p := inexactKey(sub, ft); p != "" {
+				return k + "." + p
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		arr, ok := tree.([]any)
+		if !ok {
+			return ""
+		}
+		for i, sub := range arr {
+			if p := inexactKey(sub, t.Elem()); p != "" {
+				return fmt.Sprintf("%d.%s", i, p)
+			}
+		}
+	case reflect.Map:
+		obj, ok := tree.(map[string]any)
+		if !ok {
+			return ""
+		}
+		for k, sub := range obj {
+			if p := inexactKey(sub, t.Elem()); p != "" {
+				return k + "." + p
+			}
+		}
+	}
+	return ""
 }
 
 func describeJSONError(err error) string {

@@ -67,8 +67,8 @@ var portBase atomic.Int32
 
 const machineToken = "machine-token-for-tests-0123456789"
 
-// lspmProc is one running dedi lspm.
-type lspmProc struct {
+// lspm is one running dedi lspm.
+type lspm struct {
 	t       testing.TB
 	url     string
 	token   string
@@ -89,7 +89,7 @@ type lspmOpts struct {
 
 // startLSPM starts an LSPM whose default command is the echo example and
 // which also allows the fake game server.
-func startLSPM(t testing.TB, o lspmOpts) *lspmProc {
+func startLSPM(t testing.TB, o lspmOpts) *lspm {
 	t.Helper()
 	if o.maxProcesses == 0 {
 		o.maxProcesses = 8
@@ -109,14 +109,22 @@ func startLSPM(t testing.TB, o lspmOpts) *lspmProc {
 	if !o.noDefault {
 		args = append(args, "--", echoBin)
 	}
-	l := &lspmProc{t: t, token: machineToken, dataDir: o.dataDir, args: args}
+	l := &lspm{t: t, token: machineToken, dataDir: o.dataDir, args: args}
 	l.start()
 	t.Cleanup(func() { l.cleanup() })
 	return l
 }
 
-func (l *lspmProc) start() {
+func (l *lspm) start() {
 	l.t.Helper()
+	if l.url != "" {
+		// A restart listens where the game servers' SDKs expect it.
+		for i, a := range l.args {
+			if a == "--listen" {
+				l.args[i+1] = strings.TrimPrefix(l.url, "http://")
+			}
+		}
+	}
 	_ = os.Remove(filepath.Join(l.dataDir, "lspm.addr"))
 	l.logs = &bytes.Buffer{}
 	l.cmd = exec.Command(dediBin, l.args...)
@@ -146,13 +154,13 @@ func (l *lspmProc) start() {
 }
 
 // kill9 kills the LSPM process alone, as an OOM killer or a crash would.
-func (l *lspmProc) kill9() {
+func (l *lspm) kill9() {
 	_ = l.cmd.Process.Signal(syscall.SIGKILL)
 	<-l.exited
 }
 
 // stop sends SIGTERM and waits.
-func (l *lspmProc) stop() {
+func (l *lspm) stop() {
 	_ = l.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-l.exited:
@@ -163,7 +171,7 @@ func (l *lspmProc) stop() {
 }
 
 // cleanup kills the LSPM and every process it left (shims and game groups).
-func (l *lspmProc) cleanup() {
+func (l *lspm) cleanup() {
 	select {
 	case <-l.exited:
 	default:
@@ -253,7 +261,7 @@ func problemOf(t testing.TB, raw []byte) api.Problem {
 	return p
 }
 
-func (l *lspmProc) spawn(t testing.TB, req api.SpawnRequest) api.Process {
+func (l *lspm) spawn(t testing.TB, req api.SpawnRequest) api.Process {
 	t.Helper()
 	var p api.Process
 	code, raw := call(t, "POST", l.url+"/v1/processes", l.token, req, &p)
@@ -272,7 +280,7 @@ func fake(flags ...string) api.SpawnRequest {
 	}
 }
 
-func (l *lspmProc) get(t testing.TB, id string) api.Process {
+func (l *lspm) get(t testing.TB, id string) api.Process {
 	t.Helper()
 	var p api.Process
 	code, raw := call(t, "GET", l.url+"/v1/processes/"+id, l.token, nil, &p)
@@ -282,7 +290,7 @@ func (l *lspmProc) get(t testing.TB, id string) api.Process {
 	return p
 }
 
-func (l *lspmProc) status(t testing.TB) api.Status {
+func (l *lspm) status(t testing.TB) api.Status {
 	t.Helper()
 	var st api.Status
 	code, raw := call(t, "GET", l.url+"/v1/status", l.token, nil, &st)
@@ -293,7 +301,7 @@ func (l *lspmProc) status(t testing.TB) api.Status {
 }
 
 // waitState polls until the process is in one of states.
-func (l *lspmProc) waitState(t testing.TB, id string, timeout time.Duration, states ...string) api.Process {
+func (l *lspm) waitState(t testing.TB, id string, timeout time.Duration, states ...string) api.Process {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var p api.Process
@@ -306,7 +314,8 @@ func (l *lspmProc) waitState(t testing.TB, id string, timeout time.Duration, sta
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	t.Fatalf("process %s is %s after %s, want %v (exit %+v)", id, p.State, timeout, states, p.Exit)
+	_, logs := call(t, "GET", l.url+"/v1/processes/"+id+"/logs?tail=30", l.token, nil, nil)
+	t.Fatalf("process %s is %s after %s, want %v (exit %+v); its log:\n%s", id, p.State, timeout, states, p.Exit, logs)
 	return p
 }
 

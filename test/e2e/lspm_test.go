@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/http"
@@ -12,7 +14,6 @@ import (
 	"time"
 
 	"dedi.dev/dedi/api"
-	"dedi.dev/dedi/internal/lspm"
 )
 
 // udpEcho sends msg to the game port and returns the reply.
@@ -185,8 +186,8 @@ func TestMemoryLeakIsKilledAtLimit(t *testing.T) {
 func TestStopIgnoringSIGTERMIsKilledAfterGrace(t *testing.T) {
 	t.Parallel()
 	l := startLSPM(t, lspmOpts{})
-	p := l.spawn(t, fake("-ignore-term", "-no-sdk"))
-	time.Sleep(100 * time.Millisecond)
+	p := l.spawn(t, fake("-ignore-term"))
+	l.waitState(t, p.ID, 10*time.Second, api.StateReady) // SIGTERM is ignored from before ready
 	start := time.Now()
 	code, raw := call(t, "DELETE", l.url+"/v1/processes/"+p.ID+"?grace=400ms", l.token, nil, nil)
 	if code != http.StatusAccepted {
@@ -213,7 +214,7 @@ func TestProcessAnnouncedShutdownExits(t *testing.T) {
 
 func TestAllowListAndHashPinning(t *testing.T) {
 	t.Parallel()
-	sum, err := lspm.FileSHA256(echoBin)
+	sum, err := fileSHA256(echoBin)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -292,3 +293,12 @@ func TestFullAndPortsNeverShared(t *testing.T) {
 
 // noPorts asks for no ports at all.
 func noPorts(r api.SpawnRequest) api.SpawnRequest { r.Ports = []string{}; return r }
+
+func fileSHA256(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:]), nil
+}

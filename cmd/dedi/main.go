@@ -42,11 +42,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch cmd {
 	case "shim":
 		// Internal: the parent of one game server (see internal/lspm/shim.go).
-		if len(rest) != 1 {
-			fmt.Fprintln(stderr, "usage: dedi shim DIR (internal)")
-			return 2
-		}
-		return lspm.RunShim(rest[0])
+		return lspm.RunShim()
 	case "lspm":
 		return exitCode(stderr, runLSPM(rest, stderr))
 	case "version", "--version", "-version":

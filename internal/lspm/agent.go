@@ -50,6 +50,7 @@ type Agent struct {
 	table    *table  // handed to the loop in Run; not touched elsewhere
 	adopted  []*proc // processes found alive at start, watched once Run starts
 	ln       net.Listener
+	shims    *shimPool
 	runCtx   context.Context
 	wg       sync.WaitGroup
 }
@@ -83,6 +84,7 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 	if cfg.Token != "" {
 		a.machineTH = rest.TokenHash(cfg.Token)
 	}
+	a.shims = newShimPool(cfg.ShimPath, cfg.ShimPool, a.log)
 	if err := os.MkdirAll(a.procsDir(), 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
@@ -165,6 +167,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	serveErr := make(chan error, 1)
 	a.goOwned(func(context.Context) { serveErr <- srv.Serve(a.ln) })
 	a.goOwned(a.sampleMemory)
+	a.goOwned(a.shims.fill)
 	if a.cfg.VMMURL != "" {
 		a.goOwned(a.report)
 	}
@@ -361,7 +364,11 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 		env = append(env, api.EnvPortPrefix+strings.ToUpper(name)+"="+strconv.Itoa(port))
 	}
 	full := append([]string{exe}, argv[1:]...)
-	return startShim(a.cfg.ShimPath, plan.dir, shimSpec{Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes})
+	sh, err := a.shims.get()
+	if err != nil {
+		return launched{}, err
+	}
+	return sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes})
 }
 
 func derefHealth(h *api.Health) api.Health {

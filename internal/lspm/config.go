@@ -62,6 +62,9 @@ type Config struct {
 	// ShimPath is the executable run as "ShimPath shim DIR" to parent each
 	// game server; default the running binary.
 	ShimPath string
+	// ShimPool is the number of shims started ahead of need (0: none, each
+	// spawn starts its own).
+	ShimPool int
 	// CheckInterval is how often health deadlines and memory are checked.
 	CheckInterval time.Duration
 }
@@ -177,6 +180,9 @@ func (c Config) Validate() error {
 	}
 	if c.History < 1 || c.LogMaxBytes < 1024 {
 		return errors.New("history must be at least 1 and the log cap at least 1 KiB")
+	}
+	if c.ShimPool < 0 || c.ShimPool > 64 {
+		return errors.New("the shim pool holds 0 to 64 shims")
 	}
 	if c.MemoryLimit < 0 {
 		return errors.New("memory limit must not be negative")

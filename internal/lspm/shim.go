@@ -14,6 +14,12 @@ package lspm
 // restarted LSPM finds the exit status on disk, and a live shim is watched
 // through a pidfd: it becomes readable when the shim exits, which works for
 // processes that are not our children.
+//
+// A shim is a Go process, and starting one costs a few milliseconds, more
+// than the fork/exec of the game itself. So the LSPM keeps a small pool of
+// shims started ahead, each blocked reading its spec from stdin: a spawn
+// hands its spec to a waiting shim and only the game's own fork/exec is on
+// the request's path.
 
 import (
 	"bufio"
@@ -34,8 +40,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// shimSpec is what the LSPM asks a shim to run; it is written to DIR/spec.json.
+// shimSpec is what the LSPM asks a shim to run, one JSON line on its stdin.
 type shimSpec struct {
+	ProcDir     string   `json:"procDir"` // the process's dir: logs, exit record
 	Argv        []string `json:"argv"`
 	Env         []string `json:"env"`
 	Dir         string   `json:"dir"`
@@ -51,14 +58,14 @@ type exitRecord struct {
 }
 
 const (
-	specFile = "spec.json"
 	exitFile = "exit.json"
 	logFile  = "output.log"
 	shimLog  = "shim.log"
 )
 
-// RunShim is the body of "dedi shim DIR". It returns the shim's exit code.
-func RunShim(dir string) int {
+// RunShim is the body of "dedi shim": it reads its spec from stdin, starts
+// the game server and stays its parent. It returns the shim's exit code.
+func RunShim() int {
 	// Handled (not ignored) signals are reset to their defaults by exec, so
 	// the game server still gets default SIGTERM and SIGPIPE behaviour.
 	sigs := make(chan os.Signal, 8)
@@ -74,16 +81,22 @@ func RunShim(dir string) int {
 		report.Close()
 		return 1
 	}
-	raw, err := os.ReadFile(filepath.Join(dir, specFile))
+	line, err := bufio.NewReader(os.Stdin).ReadBytes('\n')
 	if err != nil {
-		return fail(err)
+		return 0 // a pooled shim whose LSPM went away before using it
 	}
+	os.Stdin.Close()
 	var spec shimSpec
-	if err := json.Unmarshal(raw, &spec); err != nil {
+	if err := json.Unmarshal(line, &spec); err != nil {
 		return fail(fmt.Errorf("spec: %w", err))
 	}
-	if len(spec.Argv) == 0 {
-		return fail(errors.New("spec: empty argv"))
+	if len(spec.Argv) == 0 || spec.ProcDir == "" {
+		return fail(errors.New("spec: empty argv or process dir"))
+	}
+	dir := spec.ProcDir
+	if f, err := os.OpenFile(filepath.Join(dir, shimLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err == nil {
+		_ = unix.Dup3(int(f.Fd()), 2, 0) // the shim's own complaints
+		f.Close()
 	}
 	logw, err := openCappedLog(filepath.Join(dir, logFile), spec.LogMaxBytes)
 	if err != nil {
@@ -155,54 +168,154 @@ type launched struct {
 	cmd       *exec.Cmd // the shim, our child until we die
 }
 
-// startShim writes the spec into dir and starts a shim for it; it returns
-// once the game server was started (or failed to start).
-func startShim(shimPath, dir string, spec shimSpec) (launched, error) {
-	if err := writeFileAtomic(filepath.Join(dir, specFile), mustJSON(spec)); err != nil {
-		return launched{}, err
-	}
-	errf, err := os.OpenFile(filepath.Join(dir, shimLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+// shimProc is a started shim waiting for its spec.
+type shimProc struct {
+	cmd    *exec.Cmd
+	stdin  *os.File // the spec goes here
+	stdout *os.File // "ok PID START" or "error MSG" comes back here
+	start  uint64
+}
+
+// newShim starts a shim that waits for its spec.
+func newShim(shimPath string) (*shimProc, error) {
+	inR, inW, err := os.Pipe()
 	if err != nil {
-		return launched{}, err
+		return nil, err
 	}
-	defer errf.Close()
-	pr, pw, err := os.Pipe()
+	outR, outW, err := os.Pipe()
 	if err != nil {
-		return launched{}, err
+		inR.Close()
+		inW.Close()
+		return nil, err
 	}
-	defer pr.Close()
-	cmd := exec.Command(shimPath, "shim", dir)
-	cmd.Stdout = pw
-	cmd.Stderr = errf
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	cmd := exec.Command(shimPath, "shim")
+	cmd.Stdin, cmd.Stdout = inR, outW
+	// One thread is plenty for a shim, and keeps its footprint small.
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "GOMAXPROCS=1"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		pw.Close()
-		return launched{}, fmt.Errorf("start shim: %w", err)
-	}
-	pw.Close()
-	_ = pr.SetReadDeadline(time.Now().Add(15 * time.Second))
-	line, err := bufio.NewReader(pr).ReadString('\n')
+	err = cmd.Start()
+	inR.Close()
+	outW.Close()
 	if err != nil {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		inW.Close()
+		outR.Close()
+		return nil, fmt.Errorf("start shim: %w", err)
+	}
+	start, _ := procStartTime(cmd.Process.Pid)
+	return &shimProc{cmd: cmd, stdin: inW, stdout: outR, start: start}, nil
+}
+
+// discard stops a shim that was never used.
+func (s *shimProc) discard() {
+	s.stdin.Close()
+	s.stdout.Close()
+	_ = s.cmd.Wait()
+}
+
+// run hands the spec to the shim and returns once the game server was
+// started (or failed to start).
+func (s *shimProc) run(spec shimSpec) (launched, error) {
+	defer s.stdout.Close()
+	line := append(mustJSON(spec), '\n')
+	_, err := s.stdin.Write(line)
+	s.stdin.Close()
+	if err != nil {
+		_ = s.cmd.Process.Kill()
+		_ = s.cmd.Wait()
+		return launched{}, fmt.Errorf("hand spec to shim: %w", err)
+	}
+	_ = s.stdout.SetReadDeadline(time.Now().Add(15 * time.Second))
+	reply, err := bufio.NewReader(s.stdout).ReadString('\n')
+	if err != nil {
+		_ = s.cmd.Process.Kill()
+		_ = s.cmd.Wait()
 		return launched{}, fmt.Errorf("shim did not report: %w", err)
 	}
-	line = strings.TrimSpace(line)
-	if msg, ok := strings.CutPrefix(line, "error "); ok {
-		_ = cmd.Wait()
+	reply = strings.TrimSpace(reply)
+	if msg, ok := strings.CutPrefix(reply, "error "); ok {
+		_ = s.cmd.Wait()
 		return launched{}, errors.New(msg)
 	}
-	f := strings.Fields(line)
+	f := strings.Fields(reply)
 	if len(f) != 3 || f[0] != "ok" {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		return launched{}, fmt.Errorf("shim said %q", line)
+		_ = s.cmd.Process.Kill()
+		_ = s.cmd.Wait()
+		return launched{}, fmt.Errorf("shim said %q", reply)
 	}
 	pid, _ := strconv.Atoi(f[1])
 	start, _ := strconv.ParseUint(f[2], 10, 64)
-	shimStart, _ := procStartTime(cmd.Process.Pid)
-	return launched{shimPID: cmd.Process.Pid, shimStart: shimStart, pid: pid, start: start, cmd: cmd}, nil
+	return launched{shimPID: s.cmd.Process.Pid, shimStart: s.start, pid: pid, start: start, cmd: s.cmd}, nil
+}
+
+// shimPool keeps up to size shims started ahead of need.
+type shimPool struct {
+	path  string
+	ready chan *shimProc
+	log   interface{ Warn(string, ...any) }
+}
+
+func newShimPool(path string, size int, log interface{ Warn(string, ...any) }) *shimPool {
+	return &shimPool{path: path, ready: make(chan *shimProc, size), log: log}
+}
+
+// fill keeps the pool full until ctx is done, then stops the idle shims.
+func (p *shimPool) fill(ctx context.Context) {
+	defer func() {
+		for {
+			select {
+			case s := <-p.ready:
+				s.discard()
+			default:
+				return
+			}
+		}
+	}()
+	if cap(p.ready) == 0 {
+		return
+	}
+	for {
+		s, err := newShim(p.path)
+		if err != nil {
+			p.log.Warn("shim pool: cannot start a shim", "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+				continue
+			}
+		}
+		select {
+		case p.ready <- s:
+		case <-ctx.Done():
+			s.discard()
+			return
+		}
+		// A slot was taken by a spawn. Starting its replacement at once
+		// would compete for the CPU with the game server starting now.
+		{
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(refillDelay):
+			}
+		}
+	}
+}
+
+// refillDelay is how long the pool waits before replacing a shim.
+const refillDelay = 20 * time.Millisecond
+
+// get returns a waiting shim, from the pool when one is there.
+func (p *shimPool) get() (*shimProc, error) {
+	select {
+	case s := <-p.ready:
+		if pidAlive(s.cmd.Process.Pid, s.start) {
+			return s, nil
+		}
+		s.discard() // killed while it waited
+	default:
+	}
+	return newShim(p.path)
 }
 
 // waitShim blocks until the shim pid (started at start, in clock ticks

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 
+	"dedi.dev/dedi/examples/echo/echoserver"
 	"dedi.dev/dedi/internal/lspm"
 )
 
@@ -23,7 +24,9 @@ var version = "dev"
 const usage = `dedi hosts dedicated game servers on machines you control.
 
 Usage:
+  dedi up [--data-dir DIR] [--listen ADDR]         the quick start: an LSPM hosting the example echo server
   dedi lspm [flags] [-- DEFAULT-COMMAND ARGS...]   run the local server process manager
+  dedi example echo                                run the example UDP echo game server (needs the LSPM's environment)
   dedi version                                     print the version
 
 Run "dedi COMMAND -h" for a command's flags.
@@ -45,6 +48,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return lspm.RunShim()
 	case "lspm":
 		return exitCode(stderr, runLSPM(rest, stderr))
+	case "up":
+		return exitCode(stderr, runUp(rest, stdout, stderr))
+	case "example":
+		// The example game servers built into dedi, hosted by "dedi up".
+		if len(rest) == 1 && rest[0] == "echo" {
+			return echoserver.Run()
+		}
+		fmt.Fprintln(stderr, "usage: dedi example echo")
+		return 2
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "dedi", version)
 		return 0

@@ -183,28 +183,40 @@ func (l *lspm) cleanup() {
 	}
 }
 
-// killUnder kills every shim of dataDir and its game's process group.
+// killUnder kills every shim of dataDir and its game's process group, and
+// waits for them to be gone so the directory can be removed.
 func killUnder(dataDir string) {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if bytes.Contains(cmdline, []byte(dataDir)) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
+	var pids []int
 	recs, _ := filepath.Glob(filepath.Join(dataDir, "processes", "*", "record.json"))
 	for _, r := range recs {
 		var rec struct {
 			Process api.Process `json:"process"`
+			ShimPID int         `json:"shimPid"`
 		}
-		if b, err := os.ReadFile(r); err == nil && json.Unmarshal(b, &rec) == nil && rec.Process.PID > 0 && rec.Process.EndedAt == nil {
+		b, err := os.ReadFile(r)
+		if err != nil || json.Unmarshal(b, &rec) != nil || rec.Process.EndedAt != nil {
+			continue
+		}
+		if rec.ShimPID > 0 && strings.Contains(procCmdline(rec.ShimPID), "shim") {
+			_ = syscall.Kill(rec.ShimPID, syscall.SIGKILL)
+			pids = append(pids, rec.ShimPID)
+		}
+		if rec.Process.PID > 0 {
 			_ = syscall.Kill(-rec.Process.PID, syscall.SIGKILL)
+			pids = append(pids, rec.Process.PID)
 		}
 	}
+	deadline := time.Now().Add(5 * time.Second)
+	for _, pid := range pids {
+		for alive(pid) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
+}
+
+func procCmdline(pid int) string {
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return string(b)
 }
 
 var client = &http.Client{Timeout: 10 * time.Second}

@@ -51,6 +51,7 @@ type Agent struct {
 	adopted  []*proc // processes found alive at start, watched once Run starts
 	ln       net.Listener
 	shims    *shimPool
+	persist  *persister
 	runCtx   context.Context
 	wg       sync.WaitGroup
 }
@@ -85,6 +86,9 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 		a.machineTH = rest.TokenHash(cfg.Token)
 	}
 	a.shims = newShimPool(cfg.ShimPath, cfg.ShimPool, a.log)
+	a.persist = newPersister(func(dir string, err error) {
+		a.log.Error("persist process dir", "dir", dir, "err", err)
+	})
 	if err := os.MkdirAll(a.procsDir(), 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
@@ -168,6 +172,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.goOwned(func(context.Context) { serveErr <- srv.Serve(a.ln) })
 	a.goOwned(a.sampleMemory)
 	a.goOwned(a.shims.fill)
+	a.goOwned(a.persist.run)
 	if a.cfg.VMMURL != "" {
 		a.goOwned(a.report)
 	}
@@ -249,18 +254,6 @@ func (a *Agent) post(fn func(t *table)) {
 	case a.cmds <- fn:
 	case <-a.loopDone:
 	}
-}
-
-// removeLater deletes a directory off the loop.
-func (a *Agent) removeLater(dir string) {
-	if dir == "" {
-		return
-	}
-	if a.runCtx == nil { // still loading: no goroutines yet
-		_ = os.RemoveAll(dir)
-		return
-	}
-	a.goOwned(func(context.Context) { _ = os.RemoveAll(dir) })
 }
 
 var idPattern = machineIDPattern
@@ -527,6 +520,8 @@ func (a *Agent) report(ctx context.Context) {
 			}
 			continue
 		}
+		seq := st.Seq
+		a.post(func(t *table) { t.ack(seq) })
 		if backoff > 0 {
 			a.log.Info("status reports delivered again", "seq", st.Seq)
 		}

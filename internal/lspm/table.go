@@ -33,6 +33,7 @@ type table struct {
 
 	live      map[string]*proc // reserved, starting, ready, allocated (also while being stopped)
 	ended     []*proc          // history, oldest first, at most cfg.History
+	unacked   []*proc          // ended processes the VMM has not acknowledged, oldest first
 	endedByID map[string]*proc
 	byToken   map[string]string // process token hash -> id
 	ports     map[int]string    // port -> id
@@ -59,10 +60,13 @@ type proc struct {
 	threshold    int
 	startTimeout time.Duration
 	lastBeat     time.Time
+	startClock   time.Time // the start timeout runs from here
+	adopted      bool      // found live by a restarted LSPM
 
 	stopReason  string // set once the LSPM decided to end it
 	stopDetail  string
 	announcedAt *time.Time // the process called shutdown
+	reportedIn  uint64     // seq of the first report that carried its end
 	done        chan struct{}
 }
 
@@ -85,17 +89,13 @@ func (p *proc) record() record {
 		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt}
 }
 
-// persist writes the process record. It is the one piece of I/O the loop
-// does itself: a small file replaced by rename, without fsync (a killed
-// LSPM loses nothing the kernel has; a lost machine loses its games too),
-// done inline so records can never be written out of order.
+// persist queues the process record for the persister, which writes it off
+// the loop (records of one process reach the disk in order).
 func (t *table) persist(p *proc) {
 	if p.inflight || p.dir == "" {
 		return
 	}
-	if err := writeFileAtomic(filepath.Join(p.dir, recordFile), mustJSON(p.record())); err != nil {
-		t.a.log.Error("persist process record", "process", p.view.ID, "err", err)
-	}
+	t.a.persist.write(p.dir, mustJSON(p.record()))
 }
 
 func (t *table) now() time.Time { return t.a.clock.Now().UTC() }
@@ -122,13 +122,13 @@ func (t *table) load() ([]*proc, error) {
 		if err != nil {
 			// A spawn that died before its record: nothing ran, or its
 			// shim will leave an exit record we have no use for.
-			t.a.removeLater(dir)
+			t.a.persist.remove(dir)
 			continue
 		}
 		var rec record
 		if err := jsonUnmarshal(raw, &rec); err != nil || rec.Process.ID != e.Name() {
 			t.a.log.Warn("unreadable process record, removing", "dir", dir, "err", err)
-			t.a.removeLater(dir)
+			t.a.persist.remove(dir)
 			continue
 		}
 		p := &proc{view: rec.Process, tokenHash: rec.TokenHash, dir: dir, shimPID: rec.ShimPID,
@@ -144,6 +144,7 @@ func (t *table) load() ([]*proc, error) {
 		// Live when we died: heartbeats count from now, so a restart never
 		// makes a healthy game look hung.
 		p.lastBeat = t.now()
+		p.startClock, p.adopted = p.lastBeat, true
 		t.live[p.view.ID] = p
 		t.byToken[p.tokenHash] = p.view.ID
 		for _, port := range p.view.Ports {
@@ -234,6 +235,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		inflight:  true,
 		done:      make(chan struct{}),
 	}
+	p.startClock = p.view.CreatedAt
 	if p.view.Params == nil {
 		p.view.Params = map[string]any{}
 	}
@@ -361,6 +363,12 @@ func (t *table) end(id string, ex *exitRecord, tail []string, detail string) {
 	delete(t.live, id)
 	t.ended = append(t.ended, p)
 	t.endedByID[id] = p
+	if t.a.cfg.VMMURL != "" {
+		t.unacked = append(t.unacked, p)
+		if len(t.unacked) > maxUnacked {
+			t.unacked = t.unacked[1:]
+		}
+	}
 	close(p.done)
 	t.persist(p)
 	t.trimHistory()
@@ -390,7 +398,7 @@ func (t *table) trimHistory() {
 		old := t.ended[0]
 		t.ended = t.ended[1:]
 		delete(t.endedByID, old.view.ID)
-		t.a.removeLater(old.dir)
+		t.a.persist.remove(old.dir)
 	}
 }
 
@@ -422,7 +430,7 @@ func (t *table) checkHealth() {
 				t.stop(p, api.ReasonKilled, fmt.Sprintf("announced shutdown but still running after the %s grace", t.a.cfg.Grace), 0)
 			}
 		case p.view.State == api.StateStarting:
-			if now.Sub(p.view.CreatedAt) > p.startTimeout {
+			if now.Sub(p.startClock) > p.startTimeout {
 				t.stop(p, api.ReasonUnhealthy, fmt.Sprintf("not ready within the start timeout of %s", p.startTimeout), t.a.cfg.Grace)
 			}
 		default:
@@ -496,6 +504,11 @@ func (t *table) heartbeat(p *proc, hb api.Heartbeat) {
 	if api.IsTerminal(p.view.State) {
 		return
 	}
+	if p.view.State == api.StateStarting && p.adopted {
+		// The SDKs heartbeat only once ready: the record of its ready was
+		// still queued when the previous LSPM died.
+		t.ready(p)
+	}
 	now := t.now()
 	p.lastBeat = now
 	p.view.LastHeartbeatAt = &now
@@ -562,12 +575,32 @@ func (t *table) status(next bool) api.Status {
 		MachineID: t.a.cfg.MachineID, State: t.loadState(), Seq: t.seq, MaxProcesses: t.a.cfg.MaxProcesses,
 		Processes: t.liveViews(), Hardware: t.a.hardware, StartedAt: t.a.startedAt, ShutdownAt: t.shutdownAt, At: t.now(),
 	}
-	// The last few ended processes ride along so the VMM learns each end
-	// even when it missed the report of the change.
-	for i := len(t.ended) - 1; i >= 0 && len(st.Ended) < 32; i-- {
-		st.Ended = append(st.Ended, t.ended[i].view)
+	// Ended processes ride along until a report carrying them was
+	// acknowledged, so the VMM learns every end with its evidence even
+	// when it was down at the time.
+	for i := len(t.unacked) - 1; i >= 0; i-- {
+		p := t.unacked[i]
+		if next && p.reportedIn == 0 {
+			p.reportedIn = t.seq
+		}
+		st.Ended = append(st.Ended, p.view)
 	}
 	return st
+}
+
+// maxUnacked bounds the ends kept for a VMM that does not answer.
+const maxUnacked = 256
+
+// ack drops the ends that the report seq, now acknowledged, carried.
+func (t *table) ack(seq uint64) {
+	keep := t.unacked[:0]
+	for _, p := range t.unacked {
+		if p.reportedIn == 0 || p.reportedIn > seq {
+			keep = append(keep, p)
+		}
+	}
+	clear(t.unacked[len(keep):])
+	t.unacked = keep
 }
 
 func (t *table) liveViews() []api.Process {

@@ -1,0 +1,228 @@
+package lspm
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/clock"
+	"dedi.dev/dedi/internal/rest"
+)
+
+// newTestTable builds a table on a fake clock, without a loop: the test is
+// its single owner.
+func newTestTable(t *testing.T) (*table, *clock.Fake) {
+	t.Helper()
+	clk := clock.NewFake(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	cfg := Config{DataDir: t.TempDir(), MachineID: "m", Token: "0123456789abcdef", MaxProcesses: 2,
+		PortMin: 40000, PortMax: 40009, StartTimeout: 10 * time.Second, HealthPeriod: time.Second,
+		FailureThreshold: 3, Grace: 50 * time.Millisecond}.withDefaults()
+	a := &Agent{cfg: cfg, log: slog.New(slog.NewTextHandler(io.Discard, nil)), clock: clk,
+		changed: make(chan struct{}, 1), persist: newPersister(nil)}
+	ctx, cancel := context.WithCancel(context.Background())
+	a.runCtx = ctx
+	t.Cleanup(func() { cancel(); a.wg.Wait() })
+	if err := os.MkdirAll(a.procsDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	tb := &table{a: a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
+	a.table = tb
+	return tb, clk
+}
+
+// sleeper is a real process for the table to signal.
+func sleeper(t *testing.T) launched {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	start, err := procStartTime(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return launched{pid: cmd.Process.Pid, start: start, cmd: cmd}
+}
+
+func spawnIn(t *testing.T, tb *table, id string, h *api.Health) (*proc, launched) {
+	t.Helper()
+	if _, err := tb.reserve(id, api.SpawnRequest{Health: h}, []string{"sleep"}, "hash-"+id, []string{"game"}); err != nil {
+		t.Fatal(err)
+	}
+	l := sleeper(t)
+	tb.commit(id, l)
+	return tb.live[id], l
+}
+
+func waitExit(t *testing.T, l launched) syscall.WaitStatus {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { _ = l.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("process not stopped")
+	}
+	return l.cmd.ProcessState.Sys().(syscall.WaitStatus)
+}
+
+func TestStartTimeoutStopsProcess(t *testing.T) {
+	tb, clk := newTestTable(t)
+	p, l := spawnIn(t, tb, "a", &api.Health{StartTimeoutSeconds: 5})
+	clk.Advance(4 * time.Second)
+	tb.checkHealth()
+	if p.stopReason != "" {
+		t.Fatalf("stopped before the start timeout: %s", p.stopDetail)
+	}
+	clk.Advance(2 * time.Second)
+	tb.checkHealth()
+	if p.stopReason != api.ReasonUnhealthy || !strings.Contains(p.stopDetail, "start timeout") {
+		t.Fatalf("reason %q detail %q", p.stopReason, p.stopDetail)
+	}
+	if ws := waitExit(t, l); ws.Signal() != syscall.SIGTERM {
+		t.Fatalf("ended by %v, want SIGTERM", ws)
+	}
+}
+
+func TestHeartbeatsKeepAliveAndSilenceKills(t *testing.T) {
+	tb, clk := newTestTable(t)
+	p, l := spawnIn(t, tb, "a", &api.Health{PeriodSeconds: 1, FailureThreshold: 3})
+	tb.ready(p)
+	players := 7
+	for i := 0; i < 10; i++ { // 10 s of heartbeats every second
+		clk.Advance(time.Second)
+		tb.heartbeat(p, api.Heartbeat{Players: &players})
+		tb.checkHealth()
+	}
+	if p.stopReason != "" || p.view.Players != 7 {
+		t.Fatalf("stopped while heartbeating (%s), players %d", p.stopDetail, p.view.Players)
+	}
+	clk.Advance(3 * time.Second)
+	tb.checkHealth()
+	if p.stopReason != "" {
+		t.Fatal("stopped at exactly the threshold")
+	}
+	clk.Advance(10 * time.Millisecond)
+	tb.checkHealth()
+	if p.stopReason != api.ReasonUnhealthy {
+		t.Fatalf("not stopped after threshold × period of silence")
+	}
+	waitExit(t, l)
+}
+
+func TestMemorySampleOverLimitKills(t *testing.T) {
+	tb, _ := newTestTable(t)
+	p, l := spawnIn(t, tb, "a", nil)
+	p.view.MemoryLimitBytes = 1000
+	tb.sample(map[string]int64{"a": 999})
+	if p.stopReason != "" {
+		t.Fatal("stopped under the limit")
+	}
+	tb.sample(map[string]int64{"a": 1001})
+	if p.stopReason != api.ReasonMemoryLimit {
+		t.Fatalf("reason %q", p.stopReason)
+	}
+	if ws := waitExit(t, l); ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("ended by %v, want SIGKILL at once", ws)
+	}
+}
+
+func TestEndMapsExitToStateAndReason(t *testing.T) {
+	code := func(c int) *int { return &c }
+	cases := []struct {
+		name        string
+		stop        string
+		exit        *exitRecord
+		state, reas string
+	}{
+		{"clean exit", "", &exitRecord{Code: code(0)}, api.StateExited, api.ReasonExited},
+		{"exit code", "", &exitRecord{Code: code(3)}, api.StateCrashed, api.ReasonCrashed},
+		{"signal", "", &exitRecord{Signal: "SIGSEGV"}, api.StateCrashed, api.ReasonCrashed},
+		{"stopped on request", api.ReasonKilled, &exitRecord{Code: code(0)}, api.StateKilled, api.ReasonKilled},
+		{"hung", api.ReasonUnhealthy, &exitRecord{Signal: "SIGKILL"}, api.StateUnhealthy, api.ReasonUnhealthy},
+		{"leak", api.ReasonMemoryLimit, &exitRecord{Signal: "SIGKILL"}, api.StateCrashed, api.ReasonMemoryLimit},
+		{"supervisor vanished", "", nil, api.StateLost, api.ReasonLost},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tb, _ := newTestTable(t)
+			p, _ := spawnIn(t, tb, "a", nil)
+			port := p.view.Ports["game"]
+			p.stopReason = c.stop
+			tb.end("a", c.exit, []string{"last line"}, "gone")
+			if p.view.State != c.state || p.view.Exit.Reason != c.reas {
+				t.Fatalf("state %s reason %s, want %s %s", p.view.State, p.view.Exit.Reason, c.state, c.reas)
+			}
+			if _, held := tb.ports[port]; held || tb.live["a"] != nil || tb.endedByID["a"] != p {
+				t.Fatal("an ended process still holds its place")
+			}
+			if p.view.Exit.LogTail[0] != "last line" || p.view.EndedAt == nil {
+				t.Fatalf("evidence %+v", p.view.Exit)
+			}
+		})
+	}
+}
+
+func TestHandshakeAndReserveExcludeEachOther(t *testing.T) {
+	tb, _ := newTestTable(t)
+	if _, err := tb.reserve("a", api.SpawnRequest{}, []string{"x"}, "h", nil); err != nil {
+		t.Fatal(err)
+	}
+	err := tb.shutdown()
+	if e, ok := err.(*rest.Error); !ok || e.Code != api.CodeBusy {
+		t.Fatalf("handshake with a spawn in flight: %v", err)
+	}
+	tb.abort("a")
+	if err := tb.shutdown(); err != nil {
+		t.Fatalf("handshake on an empty machine: %v", err)
+	}
+	_, err = tb.reserve("b", api.SpawnRequest{}, []string{"x"}, "h", nil)
+	if e, ok := err.(*rest.Error); !ok || e.Code != api.CodeShuttingDown || e.Kind.Status() != 503 {
+		t.Fatalf("spawn after the handshake: %v", err)
+	}
+}
+
+func TestFullAndPortsReleased(t *testing.T) {
+	tb, _ := newTestTable(t)
+	spawnIn(t, tb, "a", nil)
+	spawnIn(t, tb, "b", nil)
+	if tb.loadState() != api.LoadFull {
+		t.Fatalf("state %s", tb.loadState())
+	}
+	_, err := tb.reserve("c", api.SpawnRequest{}, []string{"x"}, "h", []string{"game"})
+	if e, ok := err.(*rest.Error); !ok || e.Code != api.CodeFull {
+		t.Fatalf("third spawn: %v", err)
+	}
+	if _, err := tb.reserve("a", api.SpawnRequest{}, []string{"x"}, "h", nil); err == nil {
+		t.Fatal("an id in use was reserved again")
+	}
+}
+
+func TestSeqRisesAcrossRestart(t *testing.T) {
+	tb, _ := newTestTable(t)
+	var last uint64
+	for i := 0; i < 5; i++ {
+		st := tb.status(true)
+		if st.Seq <= last {
+			t.Fatalf("seq %d after %d", st.Seq, last)
+		}
+		last = st.Seq
+	}
+	// A new table on the same data dir, as after kill -9.
+	again := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
+	if _, err := again.load(); err != nil {
+		t.Fatal(err)
+	}
+	if st := again.status(true); st.Seq <= last {
+		t.Fatalf("seq %d after restart, last before %d", st.Seq, last)
+	}
+}

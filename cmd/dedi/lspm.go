@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/lspm"
 )
@@ -22,7 +24,9 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7701", "address of the REST API (port 0 picks one, written to DATA-DIR/lspm.addr)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for process records and logs (required)")
 	fs.StringVar(&cfg.MachineID, "machine-id", "", "this machine's ID (default: the host name)")
-	fs.StringVar(&cfg.Token, "token", "", "machine token (default: env "+api.EnvMachineToken+")")
+	var tokenFile string
+	fs.StringVar(&cfg.Token, "token", "", "machine token (default: env "+api.EnvMachineToken+"); visible to local users in ps, prefer --token-file or the env")
+	fs.StringVar(&tokenFile, "token-file", "", "file holding the machine token")
 	fs.BoolVar(&cfg.Insecure, "insecure", false, "run without a machine token: anyone on the network controls this machine (local development only)")
 	fs.StringVar(&cfg.VMMURL, "vmm-url", "", "VMM base URL to send status reports to")
 	fs.DurationVar(&cfg.ReportInterval, "report-interval", 0, "status report period (default 2s)")
@@ -45,10 +49,21 @@ func runLSPM(args []string, stderr io.Writer) error {
 		return errUsage
 	}
 	cfg.DefaultCommand = fs.Args()
+	if tokenFile != "" {
+		raw, err := os.ReadFile(tokenFile)
+		if err != nil {
+			return fmt.Errorf("--token-file: %w", err)
+		}
+		cfg.Token = strings.TrimSpace(string(raw))
+	}
 	if cfg.Token == "" {
 		cfg.Token = os.Getenv(api.EnvMachineToken)
 	}
 	os.Unsetenv(api.EnvMachineToken)
+	// Not dumpable: other processes of this user (the game servers) can
+	// neither read this process's environment and memory through /proc nor
+	// attach to it.
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 	if cfg.MachineID == "" {
 		h, err := os.Hostname()
 		if err != nil {

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"dedi.dev/dedi/internal/lspm"
 )
 
@@ -58,6 +60,7 @@ func runUp(args []string, stdout, stderr io.Writer) error {
 		// Ctrl-C stops what "dedi up" started: no game server is left behind.
 		DrainOnExit: true, Grace: 3 * time.Second,
 	}
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0) // as dedi lspm
 	agent, err := lspm.New(cfg, log, nil)
 	if err != nil {
 		return err

@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -26,6 +27,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/clock"
@@ -50,6 +52,8 @@ type Agent struct {
 	table    *table  // handed to the loop in Run; not touched elsewhere
 	adopted  []*proc // processes found alive at start, watched once Run starts
 	ln       net.Listener
+	lock     *os.File // flock on DataDir/lock: one LSPM per data dir
+	bootID   string
 	shims    *shimPool
 	persist  *persister
 	runCtx   context.Context
@@ -92,10 +96,23 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 	if err := os.MkdirAll(a.procsDir(), 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
+	lock, err := os.OpenFile(filepath.Join(cfg.DataDir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("data dir %s is in use by another LSPM (%v)", cfg.DataDir, err)
+	}
+	a.lock = lock
+	if raw, err := os.ReadFile("/proc/sys/kernel/random/boot_id"); err == nil {
+		a.bootID = strings.TrimSpace(string(raw))
+	}
 	a.table = &table{a: a, live: map[string]*proc{}, endedByID: map[string]*proc{},
 		byToken: map[string]string{}, ports: map[int]string{}}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
 	a.ln = ln
@@ -114,6 +131,7 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 	}
 	if a.adopted, err = a.table.load(); err != nil {
 		ln.Close()
+		lock.Close()
 		return nil, fmt.Errorf("read process records: %w", err)
 	}
 	return a, nil
@@ -147,6 +165,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer func() {
 		cancel()
 		a.wg.Wait()
+		a.lock.Close()
 	}()
 	loopCtx, stopLoop := context.WithCancel(context.Background())
 	loopExited := make(chan struct{})
@@ -167,7 +186,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := writeFileAtomic(filepath.Join(a.cfg.DataDir, "lspm.addr"), []byte(a.Addr())); err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(a.log.Handler(), slog.LevelWarn)}
+	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		IdleTimeout: 2 * time.Minute, ErrorLog: slog.NewLogLogger(a.log.Handler(), slog.LevelWarn)}
 	serveErr := make(chan error, 1)
 	a.goOwned(func(context.Context) { serveErr <- srv.Serve(a.ln) })
 	a.goOwned(a.sampleMemory)
@@ -311,10 +331,16 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		return api.Process{}, rest.Errorf(rest.Internal, "spawn_failed", "start %s: %v", argv[0], err)
 	}
 	var view api.Process
-	if err := a.do(func(t *table) { view = t.commit(id, l) }); err != nil {
+	if err := a.do(func(t *table) {
+		view = t.commit(id, l)
+		// Started from the loop, which stops before Run waits for its
+		// goroutines: no watcher can be added to a WaitGroup being waited.
+		a.watch(id, plan.dir, l.shimPID, l.shimStart, l)
+	}); err != nil {
+		// The LSPM stops: the game runs on; the next LSPM finds it by the
+		// shim's started.json and stops it, as nobody was told it runs.
 		return api.Process{}, err
 	}
-	a.watch(id, plan.dir, l.shimPID, l.shimStart, l)
 	return view, nil
 }
 
@@ -404,8 +430,28 @@ func (a *Agent) finish(id, dir string, pid int, start uint64) {
 			detail += "; the orphaned process group was killed"
 		}
 	}
-	tail := tailLines(filepath.Join(dir, logFile), 50)
+	tail := capLines(tailLines(filepath.Join(dir, logFile), 50))
 	a.post(func(t *table) { t.end(id, ex, tail, detail) })
+}
+
+// orphaned deals with a process dir that has no readable record: it kills
+// the game server the shim says it started, if it still runs, and moves the
+// dir aside as evidence.
+func (a *Agent) orphaned(dir string, why error) {
+	killed := killStarted(dir)
+	if !killed && errors.Is(why, os.ErrNotExist) {
+		_ = os.RemoveAll(dir) // a spawn that never started a game
+		return
+	}
+	q := filepath.Join(a.cfg.DataDir, "quarantine")
+	_ = os.MkdirAll(q, 0o700)
+	dest := filepath.Join(q, filepath.Base(dir))
+	if err := os.Rename(dir, dest); err != nil {
+		_ = os.RemoveAll(dir)
+		dest = ""
+	}
+	a.log.Warn("process dir without a readable record", "dir", dir, "err", why,
+		"killedRunningGame", killed, "movedTo", dest)
 }
 
 // adopt takes over a game server a previous LSPM started.
@@ -511,7 +557,14 @@ func (a *Agent) report(ctx context.Context) {
 		if a.do(func(t *table) { st = t.status(true) }) != nil {
 			return
 		}
-		if err := a.send(ctx, client, url, st); err != nil {
+		applied, err := a.send(ctx, client, url, st)
+		if err == nil && !applied {
+			// The VMM has applied a higher number: ours went back (a lost
+			// data dir, a clock step). Jump ahead and send again.
+			a.post(func(t *table) { t.jumpSeq() })
+			err = errors.New("the VMM ignored the report as stale")
+		}
+		if err != nil {
 			if backoff == 0 {
 				a.log.Warn("status report failed; retrying", "seq", st.Seq, "err", err)
 				backoff = 100 * time.Millisecond
@@ -529,23 +582,27 @@ func (a *Agent) report(ctx context.Context) {
 	}
 }
 
-func (a *Agent) send(ctx context.Context, client *http.Client, url string, st api.Status) error {
+func (a *Agent) send(ctx context.Context, client *http.Client, url string, st api.Status) (applied bool, err error) {
 	body, _ := json.Marshal(st)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
-		return err
+		return false, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Authorization", "Bearer "+a.cfg.Token)
 	resp, err := client.Do(req)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("vmm answered %s", resp.Status)
+		return false, fmt.Errorf("vmm answered %s", resp.Status)
 	}
-	return nil
+	var ans api.ReportAnswer
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&ans); err != nil {
+		return false, fmt.Errorf("vmm answer: %w", err)
+	}
+	return ans.Applied, nil
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

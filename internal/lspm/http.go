@@ -2,7 +2,9 @@ package lspm
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -234,6 +236,17 @@ func validateSpawn(req *api.SpawnRequest) error {
 			return bad("health.periodSeconds must be at least 0.01")
 		}
 	}
+	// Everything of a spawn rides in every status report and in the
+	// process's environment (execve refuses more than 128 KiB per string).
+	if n := jsonLen(req.Params); n > maxParamsBytes {
+		return bad("params take %d bytes as JSON; at most %d", n, maxParamsBytes)
+	}
+	if n := jsonLen(req.Labels); n > maxLabelsBytes {
+		return bad("labels take %d bytes as JSON; at most %d", n, maxLabelsBytes)
+	}
+	if n := jsonLen(req.Command) + jsonLen(req.Env); n > maxArgvBytes {
+		return bad("command and env take %d bytes; at most %d", n, maxArgvBytes)
+	}
 	switch req.SDK {
 	case "", api.SDKDedi:
 	case api.SDKAgones:
@@ -242,6 +255,21 @@ func validateSpawn(req *api.SpawnRequest) error {
 		return bad("sdk %q: want %q or %q", req.SDK, api.SDKDedi, api.SDKAgones)
 	}
 	return nil
+}
+
+// Bounds on what a spawn request carries.
+const (
+	maxParamsBytes = 16 << 10
+	maxLabelsBytes = 4 << 10
+	maxArgvBytes   = 64 << 10
+)
+
+func jsonLen(v any) int {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0
+	}
+	return len(b)
 }
 
 // reservedEnv reports whether the LSPM sets the variable k itself.
@@ -397,10 +425,19 @@ func (a *Agent) getLogs(w http.ResponseWriter, r *http.Request) {
 	if st, err := os.Stat(path); err == nil {
 		offset = st.Size()
 	}
-	lines := tailLines(path, tail)
 	w.WriteHeader(http.StatusOK)
-	for _, l := range lines {
-		fmt.Fprintln(w, l)
+	if tail > 0 {
+		for _, l := range tailLines(path, tail) {
+			fmt.Fprintln(w, l)
+		}
+	} else if !(follow && q.Has("tail")) {
+		// Everything kept: the rotated file, then the current one.
+		for _, f := range []string{path + ".1", path} {
+			if src, err := os.Open(f); err == nil {
+				_, _ = io.Copy(w, src)
+				src.Close()
+			}
+		}
 	}
 	if follow {
 		ctx, cancel := context.WithCancel(r.Context())

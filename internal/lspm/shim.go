@@ -57,10 +57,42 @@ type exitRecord struct {
 	At     time.Time `json:"at"`
 }
 
+// startedRecord is what a shim leaves in DIR/started.json once its game
+// server runs.
+type startedRecord struct {
+	PID       int    `json:"pid"`
+	Start     uint64 `json:"start"`
+	ShimPID   int    `json:"shimPid"`
+	ShimStart uint64 `json:"shimStart"`
+}
+
+// killStarted kills the game server (and its shim) recorded in
+// DIR/started.json, if they still run; it reports whether one did.
+func killStarted(dir string) bool {
+	raw, err := os.ReadFile(filepath.Join(dir, startedFile))
+	if err != nil {
+		return false
+	}
+	var st startedRecord
+	if json.Unmarshal(raw, &st) != nil {
+		return false
+	}
+	killed := false
+	if pidAlive(st.ShimPID, st.ShimStart) {
+		_ = syscall.Kill(st.ShimPID, syscall.SIGKILL)
+	}
+	if pidAlive(st.PID, st.Start) {
+		_ = syscall.Kill(-st.PID, syscall.SIGKILL)
+		killed = true
+	}
+	return killed
+}
+
 const (
-	exitFile = "exit.json"
-	logFile  = "output.log"
-	shimLog  = "shim.log"
+	startedFile = "started.json"
+	exitFile    = "exit.json"
+	logFile     = "output.log"
+	shimLog     = "shim.log"
 )
 
 // RunShim is the body of "dedi shim": it reads its spec from stdin, starts
@@ -75,6 +107,9 @@ func RunShim() int {
 		}
 	}()
 
+	// The spec holds the game's token: keep other processes of this user
+	// out of this one's memory (exec makes the game dumpable again).
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 	report := os.Stdout
 	fail := func(err error) int {
 		fmt.Fprintf(report, "error %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
@@ -118,6 +153,10 @@ func RunShim() int {
 	pw.Close()
 	pid := cmd.Process.Pid
 	start, _ := procStartTime(pid)
+	shimStart, _ := procStartTime(os.Getpid())
+	// Before the reply: whatever happens to the LSPM from here on, the
+	// next one can find this game server.
+	_ = writeFileAtomic(filepath.Join(dir, startedFile), mustJSON(startedRecord{PID: pid, Start: start, ShimPID: os.Getpid(), ShimStart: shimStart}))
 	fmt.Fprintf(report, "ok %d %d\n", pid, start)
 	report.Close() // never written again: the LSPM may be gone
 
@@ -229,6 +268,7 @@ func (s *shimProc) run(spec shimSpec) (launched, error) {
 	if err != nil {
 		_ = s.cmd.Process.Kill()
 		_ = s.cmd.Wait()
+		killStarted(spec.ProcDir) // a game it may have started in the meantime
 		return launched{}, fmt.Errorf("shim did not report: %w", err)
 	}
 	reply = strings.TrimSpace(reply)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -67,6 +68,7 @@ type proc struct {
 	stopDetail  string
 	announcedAt *time.Time // the process called shutdown
 	reportedIn  uint64     // seq of the first report that carried its end
+	bootID      string     // the kernel boot it was started in
 	done        chan struct{}
 }
 
@@ -80,13 +82,15 @@ type record struct {
 	StopReason  string      `json:"stopReason,omitempty"`
 	StopDetail  string      `json:"stopDetail,omitempty"`
 	AnnouncedAt *time.Time  `json:"announcedAt,omitempty"`
+	BootID      string      `json:"bootId,omitempty"` // the kernel boot the process ran in
 }
 
 const recordFile = "record.json"
 
 func (p *proc) record() record {
 	return record{Process: p.view, TokenHash: p.tokenHash, ShimPID: p.shimPID, ShimStart: p.shimStart,
-		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt}
+		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt,
+		BootID: p.bootID}
 }
 
 // persist queues the process record for the persister, which writes it off
@@ -102,11 +106,14 @@ func (t *table) now() time.Time { return t.a.clock.Now().UTC() }
 
 // load reads the table back from the data dir after a restart.
 func (t *table) load() ([]*proc, error) {
-	raw, err := os.ReadFile(filepath.Join(t.a.cfg.DataDir, "seq"))
-	if err == nil {
-		t.seq, _ = strconv.ParseUint(string(raw), 10, 64)
-		t.seqReserved = t.seq
+	// Report numbers start at the reserved block or the wall clock in
+	// milliseconds, whichever is higher: even a lost seq file cannot make
+	// them go back, as reports are far rarer than one a millisecond.
+	if raw, err := os.ReadFile(filepath.Join(t.a.cfg.DataDir, "seq")); err == nil {
+		t.seq, _ = strconv.ParseUint(strings.TrimSpace(string(raw)), 10, 64)
 	}
+	t.seq = max(t.seq, uint64(t.a.clock.Now().UnixMilli()))
+	t.seqReserved = t.seq
 	if _, err := os.Stat(filepath.Join(t.a.cfg.DataDir, "shutdown")); err == nil {
 		now := t.now()
 		t.shuttingDown, t.shutdownAt = true, &now
@@ -119,26 +126,39 @@ func (t *table) load() ([]*proc, error) {
 	for _, e := range entries {
 		dir := filepath.Join(t.a.procsDir(), e.Name())
 		raw, err := os.ReadFile(filepath.Join(dir, recordFile))
-		if err != nil {
-			// A spawn that died before its record: nothing ran, or its
-			// shim will leave an exit record we have no use for.
-			t.a.persist.remove(dir)
-			continue
-		}
 		var rec record
-		if err := jsonUnmarshal(raw, &rec); err != nil || rec.Process.ID != e.Name() {
-			t.a.log.Warn("unreadable process record, removing", "dir", dir, "err", err)
-			t.a.persist.remove(dir)
+		if err == nil {
+			if err = jsonUnmarshal(raw, &rec); err == nil && rec.Process.ID != e.Name() {
+				err = fmt.Errorf("record names process %q", rec.Process.ID)
+			}
+		}
+		if err != nil {
+			// A spawn the previous LSPM died in before its record was
+			// written, or a record it cannot read. A game server it
+			// started must not run unseen: the machine would look empty.
+			t.a.orphaned(dir, err)
 			continue
 		}
 		p := &proc{view: rec.Process, tokenHash: rec.TokenHash, dir: dir, shimPID: rec.ShimPID,
 			shimStart: rec.ShimStart, start: rec.Start, stopReason: rec.StopReason,
-			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, done: make(chan struct{})}
+			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, bootID: rec.BootID, done: make(chan struct{})}
 		p.period, p.threshold, p.startTimeout = t.a.healthOf(p.view.Health)
 		if api.IsTerminal(p.view.State) {
 			close(p.done)
 			t.ended = append(t.ended, p)
 			t.endedByID[p.view.ID] = p
+			continue
+		}
+		if rec.BootID != "" && t.a.bootID != "" && rec.BootID != t.a.bootID {
+			// The machine rebooted: the process is gone, and its pid may
+			// name another process now. Signal nothing.
+			now := t.now()
+			p.view.State, p.view.EndedAt = api.StateLost, &now
+			p.view.Exit = &api.Exit{Reason: api.ReasonLost, Detail: "the machine restarted while the process ran", LogTail: capLines(tailLines(filepath.Join(dir, logFile), 50))}
+			close(p.done)
+			t.ended = append(t.ended, p)
+			t.endedByID[p.view.ID] = p
+			t.persist(p)
 			continue
 		}
 		// Live when we died: heartbeats count from now, so a restart never
@@ -233,6 +253,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		tokenHash: tokenHash,
 		dir:       filepath.Join(t.a.procsDir(), id),
 		inflight:  true,
+		bootID:    t.a.bootID,
 		done:      make(chan struct{}),
 	}
 	p.startClock = p.view.CreatedAt
@@ -578,7 +599,7 @@ func (t *table) status(next bool) api.Status {
 	// Ended processes ride along until a report carrying them was
 	// acknowledged, so the VMM learns every end with its evidence even
 	// when it was down at the time.
-	for i := len(t.unacked) - 1; i >= 0; i-- {
+	for i := 0; i < len(t.unacked) && len(st.Ended) < maxEndsPerReport; i++ {
 		p := t.unacked[i]
 		if next && p.reportedIn == 0 {
 			p.reportedIn = t.seq
@@ -588,8 +609,18 @@ func (t *table) status(next bool) api.Status {
 	return st
 }
 
-// maxUnacked bounds the ends kept for a VMM that does not answer.
-const maxUnacked = 256
+// jumpSeq moves the report numbers ahead after the VMM called ours stale.
+func (t *table) jumpSeq() {
+	t.seq = max(t.seq+1_000_000, uint64(t.a.clock.Now().UnixMilli()))
+}
+
+// maxUnacked bounds the ends kept for a VMM that does not answer;
+// maxEndsPerReport keeps a report small (each end carries up to 50 log
+// lines of at most 512 bytes); the rest follow in the next reports.
+const (
+	maxUnacked       = 256
+	maxEndsPerReport = 16
+)
 
 // ack drops the ends that the report seq, now acknowledged, carried.
 func (t *table) ack(seq uint64) {

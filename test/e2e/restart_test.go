@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -438,5 +439,48 @@ func TestHistoryIsBounded(t *testing.T) {
 	code, _ := call(t, "GET", l.url+"/v1/processes/"+ids[0], l.token, nil, nil)
 	if code != http.StatusNotFound {
 		t.Fatalf("dropped process: %d", code)
+	}
+}
+
+// A game server whose record is unreadable after a crash must not run
+// unseen: the machine would look empty and accept the handshake.
+func TestUnrecordedGameIsStoppedNotHidden(t *testing.T) {
+	t.Parallel()
+	l := startLSPM(t, lspmOpts{})
+	p := l.spawn(t, api.SpawnRequest{})
+	l.waitState(t, p.ID, 10*time.Second, api.StateReady)
+	l.kill9()
+	rec := filepath.Join(l.dataDir, "processes", p.ID, "record.json")
+	if err := os.WriteFile(rec, []byte(`{"process": {"id": `), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l.start()
+	waitDead(t, p.PID, 5*time.Second)
+	if st := l.status(t); st.State != api.LoadEmpty {
+		t.Fatalf("state %s", st.State)
+	}
+	if _, err := os.Stat(filepath.Join(l.dataDir, "quarantine", p.ID, "output.log")); err != nil {
+		t.Fatalf("evidence not kept aside: %v", err)
+	}
+}
+
+func TestOneLSPMPerDataDir(t *testing.T) {
+	t.Parallel()
+	l := startLSPM(t, lspmOpts{})
+	cmd := exec.Command(dediBin, "lspm", "--listen", "127.0.0.1:0", "--data-dir", l.dataDir, "--machine-id", "m-test", "--token", machineToken)
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "in use by another LSPM") {
+		t.Fatalf("second LSPM on the same data dir: %v %s", err, out)
+	}
+}
+
+// Whatever a game prints, the evidence in reports stays small.
+func TestHugeLogLineIsCappedInEvidence(t *testing.T) {
+	t.Parallel()
+	l := startLSPM(t, lspmOpts{extra: []string{"--allow", "/bin/sh"}})
+	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/sh", "-c", `head -c 300000 /dev/zero | tr '\0' x; echo; exit 3`}})
+	end := l.waitState(t, p.ID, 10*time.Second, api.StateCrashed)
+	if len(end.Exit.LogTail) != 1 || len(end.Exit.LogTail[0]) > 520 {
+		t.Fatalf("log tail of %d lines, first %d bytes", len(end.Exit.LogTail), len(end.Exit.LogTail[0]))
 	}
 }

@@ -206,3 +206,85 @@ const (
 	EnvAdminToken   = "DEDI_TOKEN"
 	EnvAddr         = "DEDI_ADDR"
 )
+
+// Fleet is a set of machines running one game server build (API.md, VMM).
+type Fleet struct {
+	Name                string   `json:"name"`
+	Provider            string   `json:"provider"`
+	Image               string   `json:"image"`
+	Command             []string `json:"command"`
+	ProcessesPerMachine int      `json:"processesPerMachine"`
+	Ports               []string `json:"ports"`
+	Health              Health   `json:"health"`
+	Scaling             Scaling  `json:"scaling"`
+	Placement           string   `json:"placement"`
+	SDK                 string   `json:"sdk"`
+	// State is "active", or "deleting" while its machines drain.
+	State     string    `json:"state,omitempty"`
+	CreatedAt time.Time `json:"createdAt"`
+}
+
+// Scaling bounds a fleet's machines.
+type Scaling struct {
+	MinMachines         int     `json:"minMachines"`
+	MaxMachines         int     `json:"maxMachines"`
+	IdleShutdownSeconds float64 `json:"idleShutdownSeconds"`
+}
+
+// Placement policies.
+const (
+	PlacementPacked      = "packed"
+	PlacementDistributed = "distributed"
+)
+
+// Machine states as the VMM sees them.
+const (
+	MachineProvisioning = "provisioning"
+	MachineBooting      = "booting"
+	MachineReady        = "ready"
+	MachineDraining     = "draining"
+	MachineShuttingDown = "shutting_down"
+	MachineTerminated   = "terminated"
+	MachineLost         = "lost"
+)
+
+// Machine is the VMM's view of one machine.
+type Machine struct {
+	ID           string     `json:"id"`
+	Fleet        string     `json:"fleet"`
+	Provider     string     `json:"provider"`
+	ProviderID   string     `json:"providerId"`
+	State        string     `json:"state"`
+	Load         string     `json:"load"`
+	Address      string     `json:"address"`
+	ProcessCount int        `json:"processCount"`
+	MaxProcesses int        `json:"maxProcesses"`
+	LastReportAt *time.Time `json:"lastReportAt"`
+	Seq          uint64     `json:"seq"`
+	Hardware     *Hardware  `json:"hardware"`
+	CreatedAt    time.Time  `json:"createdAt"`
+}
+
+// StartRequest is the body of the VMM's POST /v1/processes.
+type StartRequest struct {
+	Fleet  string            `json:"fleet"`
+	Params map[string]any    `json:"params,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+// CreateMachineRequest is the body of POST /v1/machines.
+type CreateMachineRequest struct {
+	Fleet string `json:"fleet"`
+}
+
+// Event is one Server-Sent Event of GET /v1/events.
+type Event struct {
+	Seq       int64     `json:"seq"`
+	Type      string    `json:"type"`
+	At        time.Time `json:"at"`
+	Fleet     string    `json:"fleet,omitempty"`
+	MachineID string    `json:"machineId,omitempty"`
+	ProcessID string    `json:"processId,omitempty"`
+	State     string    `json:"state,omitempty"`
+	Detail    string    `json:"detail,omitempty"`
+}

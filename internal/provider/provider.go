@@ -1,0 +1,53 @@
+// Package provider is the plug-in contract by which the VMM gets machines:
+// each backend (local processes, Docker, QEMU, later cloud APIs) lives in a
+// subpackage and passes the shared contract suite in providertest.
+package provider
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Spec is everything a provider needs to create one machine: a machine
+// boots an LSPM that knows its identity, its token and where the VMM is.
+type Spec struct {
+	MachineID      string        // the VMM's id for the machine (the LSPM's --machine-id)
+	Fleet          string        // tags the machine so List finds it (and its orphans)
+	Token          string        // the machine token the LSPM accepts and reports with
+	VMMURL         string        // where the LSPM sends status reports
+	Image          string        // the VMI reference; "" for providers that need none
+	Command        []string      // the LSPM's default game command; may be empty when the image has one
+	Allow          []string      // more executables the LSPM may run (PATH[=SHA256])
+	MaxProcesses   int           // the LSPM's --max-processes
+	ReportInterval time.Duration // the LSPM's --report-interval (0: its default)
+}
+
+// Machine is a machine as its provider knows it.
+type Machine struct {
+	ProviderID string    // the provider's own handle, passed to Delete
+	MachineID  string    // Spec.MachineID
+	Fleet      string    // Spec.Fleet
+	Address    string    // where game clients reach the machine's game servers
+	LSPMURL    string    // base URL of the machine's LSPM API
+	CreatedAt  time.Time // when the provider created it
+}
+
+// Provider creates, lists and deletes machines.
+type Provider interface {
+	// Name is the provider's name in a fleet's "provider" field.
+	Name() string
+	// Create starts a machine and returns once the provider has it; the
+	// LSPM on it may still be booting.
+	Create(ctx context.Context, spec Spec) (Machine, error)
+	// Delete powers a machine off and removes every trace of it. Deleting
+	// a machine that is already gone is not an error.
+	Delete(ctx context.Context, providerID string) error
+	// List returns the provider's machines of fleet ("" for all fleets),
+	// including those created by an earlier VMM run.
+	List(ctx context.Context, fleet string) ([]Machine, error)
+}
+
+// ErrNoCapacity is returned by Create when the provider cannot make
+// another machine now (addresses or ports used up, quota reached).
+var ErrNoCapacity = errors.New("provider: no capacity")

@@ -387,7 +387,7 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 	if err != nil {
 		return launched{}, err
 	}
-	return sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes})
+	return sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes, Record: plan.record})
 }
 
 func derefHealth(h *api.Health) api.Health {
@@ -438,7 +438,7 @@ func (a *Agent) finish(id, dir string, pid int, start uint64) {
 // the game server the shim says it started, if it still runs, and moves the
 // dir aside as evidence.
 func (a *Agent) orphaned(dir string, why error) {
-	killed := killStarted(dir)
+	killed := killProcessOf(filepath.Base(dir))
 	if !killed && errors.Is(why, os.ErrNotExist) {
 		_ = os.RemoveAll(dir) // a spawn that never started a game
 		return

@@ -23,6 +23,7 @@ package lspm
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -47,6 +48,9 @@ type shimSpec struct {
 	Env         []string `json:"env"`
 	Dir         string   `json:"dir"`
 	LogMaxBytes int64    `json:"logMaxBytes"`
+	// Record is the process's record; the shim adds the pids and writes it
+	// before it answers.
+	Record json.RawMessage `json:"record,omitempty"`
 }
 
 // exitRecord is what a shim leaves in DIR/exit.json when its game server ended.
@@ -57,42 +61,57 @@ type exitRecord struct {
 	At     time.Time `json:"at"`
 }
 
-// startedRecord is what a shim leaves in DIR/started.json once its game
-// server runs.
-type startedRecord struct {
-	PID       int    `json:"pid"`
-	Start     uint64 `json:"start"`
-	ShimPID   int    `json:"shimPid"`
-	ShimStart uint64 `json:"shimStart"`
-}
-
-// killStarted kills the game server (and its shim) recorded in
-// DIR/started.json, if they still run; it reports whether one did.
-func killStarted(dir string) bool {
-	raw, err := os.ReadFile(filepath.Join(dir, startedFile))
-	if err != nil {
-		return false
-	}
-	var st startedRecord
-	if json.Unmarshal(raw, &st) != nil {
-		return false
-	}
+// killProcessOf kills every process group whose leader carries
+// DEDI_PROCESS_ID=id in its environment, and the shims that parent them. It
+// finds a game server whose record is missing or unreadable; it reports
+// whether it found one.
+func killProcessOf(id string) bool {
+	needle := []byte("\x00" + "DEDI_PROCESS_ID=" + id + "\x00")
+	ents, _ := os.ReadDir("/proc")
 	killed := false
-	if pidAlive(st.ShimPID, st.ShimStart) {
-		_ = syscall.Kill(st.ShimPID, syscall.SIGKILL)
-	}
-	if pidAlive(st.PID, st.Start) {
-		_ = syscall.Kill(-st.PID, syscall.SIGKILL)
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil || !bytes.Contains(append([]byte{0}, env...), needle) {
+			continue
+		}
+		if ppid := parentOf(pid); ppid > 1 && strings.Contains(cmdlineOf(ppid), "shim") {
+			_ = syscall.Kill(ppid, syscall.SIGKILL)
+		}
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 		killed = true
 	}
 	return killed
 }
 
+func parentOf(pid int) int {
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	s := string(raw)
+	i := strings.LastIndexByte(s, ')')
+	f := strings.Fields(s[i+1:])
+	if i < 0 || len(f) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return ppid
+}
+
+func cmdlineOf(pid int) string {
+	raw, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return string(raw)
+}
+
 const (
-	startedFile = "started.json"
-	exitFile    = "exit.json"
-	logFile     = "output.log"
-	shimLog     = "shim.log"
+	exitFile = "exit.json"
+	logFile  = "output.log"
+	shimLog  = "shim.log"
 )
 
 // RunShim is the body of "dedi shim": it reads its spec from stdin, starts
@@ -153,10 +172,20 @@ func RunShim() int {
 	pw.Close()
 	pid := cmd.Process.Pid
 	start, _ := procStartTime(pid)
-	shimStart, _ := procStartTime(os.Getpid())
-	// Before the reply: whatever happens to the LSPM from here on, the
-	// next one can find this game server.
-	_ = writeFileAtomic(filepath.Join(dir, startedFile), mustJSON(startedRecord{PID: pid, Start: start, ShimPID: os.Getpid(), ShimStart: shimStart}))
+	// The process's first record is written here, before the reply:
+	// whatever happens to the LSPM from now on (the 201 may already be on
+	// its way), the next LSPM finds and adopts this game server.
+	if len(spec.Record) > 0 {
+		var rec record
+		if json.Unmarshal(spec.Record, &rec) == nil {
+			rec.Process.PID, rec.Start = pid, start
+			rec.ShimPID = os.Getpid()
+			rec.ShimStart, _ = procStartTime(os.Getpid())
+			if err := writeFileAtomic(filepath.Join(dir, recordFile), mustJSON(rec)); err != nil {
+				fmt.Fprintf(os.Stderr, "shim: write record: %v\n", err)
+			}
+		}
+	}
 	fmt.Fprintf(report, "ok %d %d\n", pid, start)
 	report.Close() // never written again: the LSPM may be gone
 
@@ -268,7 +297,7 @@ func (s *shimProc) run(spec shimSpec) (launched, error) {
 	if err != nil {
 		_ = s.cmd.Process.Kill()
 		_ = s.cmd.Wait()
-		killStarted(spec.ProcDir) // a game it may have started in the meantime
+		killProcessOf(filepath.Base(spec.ProcDir)) // a game it may have started in the meantime
 		return launched{}, fmt.Errorf("shim did not report: %w", err)
 	}
 	reply = strings.TrimSpace(reply)

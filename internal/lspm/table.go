@@ -207,9 +207,10 @@ func (t *table) changed() {
 
 // spawnPlan is what reserve hands the spawning goroutine.
 type spawnPlan struct {
-	id    string
-	dir   string
-	ports map[string]int
+	id     string
+	dir    string
+	ports  map[string]int
+	record []byte // the first record, for the shim to complete and write
 }
 
 // reserve admits a spawn: it is the single point where the handshake, the
@@ -276,7 +277,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 	t.live[id] = p
 	t.byToken[tokenHash] = id
 	t.changed()
-	return spawnPlan{id: id, dir: p.dir, ports: ports}, nil
+	return spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record())}, nil
 }
 
 // allocPort hands out the next port of the range that no live process holds

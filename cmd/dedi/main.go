@@ -24,8 +24,13 @@ var version = "dev"
 const usage = `dedi hosts dedicated game servers on machines you control.
 
 Usage:
-  dedi up [--data-dir DIR] [--listen ADDR]         the quick start: an LSPM hosting the example echo server
+  dedi up [--data-dir DIR] [--listen ADDR]         the quick start: VMM, local machines and a demo fleet
+  dedi vmm [--listen ADDR] [--data-dir DIR]        run the control plane (admin token: env DEDI_TOKEN, else DIR/admin-token)
   dedi lspm [flags] [-- DEFAULT-COMMAND ARGS...]   run the local server process manager
+  dedi fleet create|list|get|delete ...            manage fleets        (VMM at DEDI_ADDR, token DEDI_TOKEN)
+  dedi machine list|get|delete ...                 manage machines
+  dedi process start|list|get|stop|logs ...        manage game server processes
+  dedi events                                      follow the VMM's events
   dedi example echo                                run the example UDP echo game server (needs the LSPM's environment)
   dedi version                                     print the version
 
@@ -50,6 +55,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitCode(stderr, runLSPM(rest, stderr))
 	case "up":
 		return exitCode(stderr, runUp(rest, stdout, stderr))
+	case "vmm":
+		return exitCode(stderr, runVMM(rest, stderr))
+	case "fleet", "machine", "process", "events":
+		return runClient(cmd, rest, stdout, stderr)
 	case "example":
 		// The example game servers built into dedi, hosted by "dedi up".
 		if len(rest) == 1 && rest[0] == "echo" {

@@ -1,116 +1,115 @@
 package main
 
 import (
-	"crypto/rand"
-	"encoding/hex"
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
+	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
-	"dedi.dev/dedi/internal/lspm"
+	"dedi.dev/dedi/api"
 )
 
-// runUp is the quick start: one machine's LSPM hosting the example echo
-// game server, with a token kept in the data dir. The VMM joins it in the
-// next milestone.
+// runUp is the quick start: a VMM with the local provider and a demo fleet
+// running the example echo game server, all from one command; Ctrl-C stops
+// everything it started.
 func runUp(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("dedi up", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	dataDir := fs.String("data-dir", defaultDataDir(), "where dedi keeps its state, token and logs")
-	listen := fs.String("listen", "127.0.0.1:7701", "address of the REST API")
-	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
+	var f vmmFlags
+	f.register(fs, "127.0.0.1:7700", "warn")
 	if err := fs.Parse(args); err != nil {
 		return errUsage
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("dedi up takes no arguments, got %q", fs.Args())
 	}
-	dir, err := filepath.Abs(*dataDir)
+	v, loc, log, err := f.build(stderr)
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	tokenPath := filepath.Join(dir, "machine-token")
-	token, err := loadOrCreateToken(tokenPath)
-	if err != nil {
-		return err
-	}
+	defer loc.Close()
 	self, err := os.Executable()
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(stderr, *logLevel)
-	if err != nil {
-		return err
-	}
-	cfg := lspm.Config{
-		Listen: *listen, DataDir: filepath.Join(dir, "lspm"), MachineID: "local-1", Token: token,
-		DefaultCommand: []string{self, "example", "echo"}, MaxProcesses: 8,
-		PortMin: 30000, PortMax: 30999,
-		// Ctrl-C stops what "dedi up" started: no game server is left behind.
-		DrainOnExit: true, Grace: 3 * time.Second,
-	}
-	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0) // as dedi lspm
-	agent, err := lspm.New(cfg, log, nil)
-	if err != nil {
-		return err
-	}
-	host, _, _ := net.SplitHostPort(agent.Addr())
-	url := "http://" + agent.Addr()
-	fmt.Fprintf(stdout, `dedi is up: an LSPM at %s hosting the example UDP echo game server.
-The machine token is in %s
-
-Try it (in another shell):
-  TOKEN=$(cat %s)
-  curl -s -H "Authorization: Bearer $TOKEN" -X POST %s/v1/processes -d '{"params":{"map":"arena"}}'
-  curl -s -H "Authorization: Bearer $TOKEN" %s/v1/processes      # note the game port, e.g. 30000
-  bash -c 'exec 3<>/dev/udp/%s/30000; echo hello >&3; timeout 1 head -1 <&3'   # echoes: hello
-  curl -s -H "Authorization: Bearer $TOKEN" "%s/v1/processes/ID/logs?tail=20"
-
-Ctrl-C stops dedi and every game server it started.
-`, url, tokenPath, tokenPath, url, url, host, url)
 	ctx, cancel := signalContext()
 	defer cancel()
-	return agent.Run(ctx)
+	runErr := make(chan error, 1)
+	go func() { runErr <- v.Run(ctx) }()
+
+	url := "http://" + v.Addr()
+	tokenPath := filepath.Join(f.cfg.DataDir, "admin-token")
+	token, err := os.ReadFile(tokenPath)
+	if f.cfg.AdminToken != "" {
+		token, tokenPath, err = []byte(f.cfg.AdminToken), "the DEDI_TOKEN environment variable", nil
+	}
+	if err != nil {
+		cancel()
+		<-runErr
+		return err
+	}
+	client := api.NewClient(url, string(trimNL(token)), &http.Client{Timeout: 10 * time.Second})
+	demo := api.Fleet{Name: "demo", Provider: "local", Command: []string{self, "example", "echo"},
+		ProcessesPerMachine: 4, Ports: []string{"game"}, Placement: api.PlacementPacked,
+		Scaling: api.Scaling{MinMachines: 0, MaxMachines: 4, IdleShutdownSeconds: 60}}
+	if _, err := client.CreateFleet(ctx, demo); err != nil {
+		var p *api.Problem
+		if !errors.As(err, &p) || p.Code != api.CodeExists {
+			cancel()
+			<-runErr
+			return fmt.Errorf("create the demo fleet: %w", err)
+		}
+	}
+	fmt.Fprintf(stdout, `dedi is up: the VMM at %s, with the local provider and the fleet "demo"
+(the example UDP echo game server, 4 per machine, machines made on demand).
+The admin token is in %s
+
+Try it (in another shell):
+  export DEDI_ADDR=%s DEDI_TOKEN=$(cat %s)
+  curl -s -H "Authorization: Bearer $DEDI_TOKEN" -X POST "$DEDI_ADDR/v1/processes?wait=ready" -d '{"fleet":"demo"}'
+       # or: dedi process start --fleet demo --wait
+  # note "address" and "ports" in the answer, e.g. 127.0.0.10 and 30000, then:
+  bash -c 'exec 3<>/dev/udp/127.0.0.10/30000; echo hello >&3; timeout 1 head -1 <&3'   # echoes: hello
+  dedi process list        # or: curl -s -H "Authorization: Bearer $DEDI_TOKEN" $DEDI_ADDR/v1/processes
+  dedi events              # the stream of changes
+
+Ctrl-C stops dedi and every machine and game server it started.
+`, url, tokenPath, url, tokenPath)
+
+	err = <-runErr
+	// Leave nothing behind: every local machine drains and goes.
+	dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer dcancel()
+	machines, lerr := loc.List(dctx, "")
+	if lerr != nil {
+		log.Warn("list machines to stop", "err", lerr)
+	}
+	for _, m := range machines {
+		if derr := loc.Delete(dctx, m.ProviderID); derr != nil {
+			log.Warn("stop machine", "machine", m.MachineID, "err", derr)
+		}
+	}
+	return err
+}
+
+func trimNL(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r' || b[len(b)-1] == ' ') {
+		b = b[:len(b)-1]
+	}
+	return b
 }
 
 func defaultDataDir() string {
+	if d := os.Getenv("DEDI_DATA_DIR"); d != "" {
+		return d
+	}
 	if d, err := os.UserHomeDir(); err == nil {
 		return filepath.Join(d, ".dedi")
 	}
 	return ".dedi"
-}
-
-// loadOrCreateToken reads a token file, or writes a new random token there.
-func loadOrCreateToken(path string) (string, error) {
-	raw, err := os.ReadFile(path)
-	if err == nil {
-		tok := strings.TrimSpace(string(raw))
-		if len(tok) < 16 {
-			return "", fmt.Errorf("token file %s holds less than 16 characters", path)
-		}
-		return tok, nil
-	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return "", err
-	}
-	b := make([]byte, 32)
-	if _, err := rand.Read(b); err != nil {
-		return "", err
-	}
-	tok := hex.EncodeToString(b)
-	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
-		return "", err
-	}
-	return tok, nil
 }

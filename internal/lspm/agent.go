@@ -194,6 +194,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.goOwned(a.shims.fill)
 	a.goOwned(a.persist.run)
 	if a.cfg.VMMURL != "" {
+		// The first report goes at once: it is how the VMM learns that a
+		// new machine booted.
+		select {
+		case a.changed <- struct{}{}:
+		default:
+		}
 		a.goOwned(a.report)
 	}
 	a.log.Info("lspm listening", "addr", a.Addr(), "sdkUrl", a.sdkURL, "maxProcesses", a.cfg.MaxProcesses,

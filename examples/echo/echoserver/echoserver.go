@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/ipv4"
+
 	"dedi.dev/dedi/api"
 	sdk "dedi.dev/dedi/sdk/go"
 )
@@ -105,6 +107,11 @@ func Run() int {
 // serve echoes datagrams until conn is closed and keeps the SDK's player
 // count at the number of clients heard from within playerWindow.
 func serve(conn net.PacketConn, client *sdk.Client) {
+	// A machine may have several addresses (dedi's local machines are
+	// 127.0.0.N): answer from the address the datagram came to, or a client
+	// that connected its socket would drop the reply.
+	pc := ipv4.NewPacketConn(conn)
+	withDst := pc.SetControlMessage(ipv4.FlagDst, true) == nil
 	buf := make([]byte, 64<<10)
 	seen := map[string]time.Time{}
 	client.SetPlayers(0)
@@ -112,11 +119,15 @@ func serve(conn net.PacketConn, client *sdk.Client) {
 	for {
 		// The deadline wakes the loop up to expire idle clients.
 		_ = conn.SetReadDeadline(time.Now().Add(time.Second))
-		n, addr, err := conn.ReadFrom(buf)
+		n, cm, addr, err := pc.ReadFrom(buf)
 		now := time.Now()
 		switch {
 		case err == nil:
-			_, _ = conn.WriteTo(buf[:n], addr) // a lost echo is a lost datagram
+			var reply *ipv4.ControlMessage
+			if withDst && cm != nil && cm.Dst != nil {
+				reply = &ipv4.ControlMessage{Src: cm.Dst}
+			}
+			_, _ = pc.WriteTo(buf[:n], reply, addr) // a lost echo is a lost datagram
 			if _, ok := seen[addr.String()]; !ok {
 				seen[addr.String()] = now
 				client.SetPlayers(len(seen))

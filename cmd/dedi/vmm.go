@@ -1,0 +1,88 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/provider"
+	"dedi.dev/dedi/internal/provider/local"
+	"dedi.dev/dedi/internal/vmm"
+)
+
+// vmmFlags are the flags "dedi vmm" and "dedi up" share.
+type vmmFlags struct {
+	cfg      vmm.Config
+	logLevel string
+	firstIP  int
+	portBase int
+}
+
+func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
+	fs.StringVar(&f.cfg.Listen, "listen", defListen, "address of the REST API")
+	fs.StringVar(&f.cfg.DataDir, "data-dir", defaultDataDir(), "where the VMM keeps its store, its admin token and the local machines")
+	fs.StringVar(&f.cfg.URL, "url", "", "the VMM's URL as machines reach it (default: from --listen)")
+	fs.DurationVar(&f.cfg.ReportInterval, "report-interval", 0, "LSPM status report period (default 2s)")
+	fs.DurationVar(&f.cfg.BootTimeout, "boot-timeout", 0, "time a new machine has to report (default 60s)")
+	fs.IntVar(&f.firstIP, "local-first-host", 10, "the local provider's first machine address is 127.0.0.N")
+	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
+	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
+}
+
+// build makes the VMM with its providers.
+func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger, error) {
+	dir, err := filepath.Abs(f.cfg.DataDir)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	f.cfg.DataDir = dir
+	f.cfg.AdminToken = os.Getenv(api.EnvAdminToken)
+	os.Unsetenv(api.EnvAdminToken)
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0) // keep tokens out of /proc for other processes
+	log, err := newLogger(stderr, f.logLevel)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, nil, err
+	}
+	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"), FirstHost: f.firstIP, PortBase: f.portBase,
+		Logger: log.With("provider", "local")})
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("local provider: %w", err)
+	}
+	f.cfg.Providers = map[string]provider.Provider{"local": loc}
+	v, err := vmm.New(f.cfg, log, nil)
+	if err != nil {
+		loc.Close()
+		return nil, nil, nil, err
+	}
+	return v, loc, log, nil
+}
+
+func runVMM(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("dedi vmm", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var f vmmFlags
+	f.register(fs, "127.0.0.1:7700", "info")
+	if err := fs.Parse(args); err != nil {
+		return errUsage
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("dedi vmm takes no arguments, got %q", fs.Args())
+	}
+	v, loc, _, err := f.build(stderr)
+	if err != nil {
+		return err
+	}
+	defer loc.Close()
+	ctx, cancel := signalContext()
+	defer cancel()
+	return v.Run(ctx)
+}

@@ -1,0 +1,763 @@
+package vmm
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path"
+	"regexp"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/rest"
+)
+
+// Handler is the VMM's REST API (API.md, VMM part).
+func (v *VMM) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		rest.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.Handle("GET /metrics", v.admin(promhttp.HandlerFor(v.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP))
+	mux.HandleFunc("POST /v1/fleets", v.admin(v.postFleet))
+	mux.HandleFunc("GET /v1/fleets", v.admin(v.listFleets))
+	mux.HandleFunc("GET /v1/fleets/{name}", v.admin(v.getFleet))
+	mux.HandleFunc("DELETE /v1/fleets/{name}", v.admin(v.deleteFleet))
+	mux.HandleFunc("POST /v1/machines", v.admin(v.postMachine))
+	mux.HandleFunc("GET /v1/machines", v.admin(v.listMachines))
+	mux.HandleFunc("GET /v1/machines/{id}", v.admin(v.getMachine))
+	mux.HandleFunc("DELETE /v1/machines/{id}", v.admin(v.deleteMachine))
+	mux.HandleFunc("POST /v1/machines/{id}/status", v.postStatus)
+	mux.HandleFunc("POST /v1/processes", v.admin(v.postProcess))
+	mux.HandleFunc("GET /v1/processes", v.admin(v.listProcesses))
+	mux.HandleFunc("GET /v1/processes/{id}", v.admin(v.getProcess))
+	mux.HandleFunc("DELETE /v1/processes/{id}", v.admin(v.deleteProcess))
+	mux.HandleFunc("GET /v1/processes/{id}/logs", v.admin(v.getLogs))
+	mux.HandleFunc("GET /v1/events", v.admin(v.getEvents))
+	return problems(mux, v)
+}
+
+// problems turns the mux's 404 and 405 into problem+json, untidy paths
+// into a 404, and a panic into a 500 problem.
+func problems(mux *http.ServeMux, v *VMM) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if x := recover(); x != nil {
+				if x == http.ErrAbortHandler {
+					panic(x)
+				}
+				v.log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(x))
+				rest.WriteError(w, nil)
+			}
+		}()
+		if p := r.URL.Path; p == "" || p[0] != '/' || path.Clean(p) != p {
+			rest.NotFoundHandler(w, r)
+			return
+		}
+		h, pattern := mux.Handler(r)
+		if pattern == "" {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, r)
+			if rec.Code == http.StatusMethodNotAllowed {
+				w.Header().Set("Allow", rec.Header().Get("Allow"))
+				rest.WriteError(w, rest.Errorf(rest.MethodNotAllowed, "", "%s is not allowed on %s", r.Method, r.URL.Path))
+				return
+			}
+			rest.NotFoundHandler(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// admin guards a route with the admin token. A machine token is a valid
+// token without this right: 403.
+func (v *VMM) admin(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		tok := rest.BearerToken(r)
+		if tok == "" {
+			rest.WriteError(w, rest.ErrUnauthorized())
+			return
+		}
+		th := rest.TokenHash(tok)
+		if rest.TokenEqual(th, v.adminTH) {
+			h(w, r)
+			return
+		}
+		isMachine := false
+		_ = v.doWait(func(s *state) { isMachine = s.byToken[th] != "" })
+		if isMachine {
+			rest.WriteError(w, rest.ErrForbidden("call "+r.Method+" "+r.URL.Path))
+			return
+		}
+		rest.WriteError(w, rest.ErrUnauthorized())
+	}
+}
+
+var namePattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// validateFleet checks a fleet and fills its defaults.
+func validateFleet(f *api.Fleet) error {
+	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
+	if !namePattern.MatchString(f.Name) {
+		return bad("name %q: want 1-63 lower-case letters, digits and -", f.Name)
+	}
+	if f.Provider == "" {
+		f.Provider = "local"
+	}
+	if f.ProcessesPerMachine == 0 {
+		f.ProcessesPerMachine = 4
+	}
+	if f.ProcessesPerMachine < 1 || f.ProcessesPerMachine > 1000 {
+		return bad("processesPerMachine must be 1-1000")
+	}
+	if f.Ports == nil {
+		f.Ports = []string{"game"}
+	}
+	if f.Placement == "" {
+		f.Placement = api.PlacementPacked
+	}
+	if f.Placement != api.PlacementPacked && f.Placement != api.PlacementDistributed {
+		return bad("placement %q: want packed or distributed", f.Placement)
+	}
+	if f.SDK == "" {
+		f.SDK = api.SDKDedi
+	}
+	if f.SDK != api.SDKDedi && f.SDK != api.SDKAgones {
+		return bad("sdk %q: want dedi or agones", f.SDK)
+	}
+	sc := &f.Scaling
+	if sc.MaxMachines == 0 {
+		sc.MaxMachines = 10
+	}
+	if sc.IdleShutdownSeconds == 0 {
+		sc.IdleShutdownSeconds = 60
+	}
+	if sc.MinMachines < 0 || sc.MaxMachines < 1 || sc.MinMachines > sc.MaxMachines || sc.MaxMachines > 10000 || sc.IdleShutdownSeconds < 0 {
+		return bad("scaling: want 0 <= minMachines <= maxMachines (1-10000) and idleShutdownSeconds >= 0")
+	}
+	h := &f.Health
+	if h.PeriodSeconds == 0 {
+		h.PeriodSeconds = 2
+	}
+	if h.FailureThreshold == 0 {
+		h.FailureThreshold = 3
+	}
+	if h.StartTimeoutSeconds == 0 {
+		h.StartTimeoutSeconds = 60
+	}
+	if h.PeriodSeconds < 0.01 || h.PeriodSeconds > 3600 || h.FailureThreshold < 1 || h.FailureThreshold > 1000 || h.StartTimeoutSeconds < 0 || h.StartTimeoutSeconds > 86400 {
+		return bad("health values out of range")
+	}
+	if f.Image == "" && len(f.Command) == 0 && f.Provider != "local" {
+		return bad("a fleet needs an image or a command")
+	}
+	if len(f.Command) > 0 && f.Command[0] == "" {
+		return bad("command[0] must name an executable")
+	}
+	if f.State != "" || !f.CreatedAt.IsZero() {
+		return bad("state and createdAt are set by the VMM")
+	}
+	return nil
+}
+
+func (v *VMM) postFleet(w http.ResponseWriter, r *http.Request) {
+	var f api.Fleet
+	if err := rest.DecodeJSON(r, &f, false); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if err := validateFleet(&f); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	var out api.Fleet
+	var err error
+	if derr := v.doWait(func(s *state) { out, err = s.createFleet(f) }); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusCreated, out)
+}
+
+func (v *VMM) listFleets(w http.ResponseWriter, r *http.Request) {
+	items := []api.Fleet{}
+	_ = v.doWait(func(s *state) {
+		for _, f := range s.fleets {
+			items = append(items, s.fleetView(f))
+		}
+	})
+	sort.Slice(items, func(i, j int) bool { return items[i].Name < items[j].Name })
+	rest.WriteJSON(w, http.StatusOK, api.List[api.Fleet]{Items: items})
+}
+
+func (v *VMM) getFleet(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	var out api.Fleet
+	found := false
+	_ = v.doWait(func(s *state) {
+		if f := s.fleets[name]; f != nil {
+			out, found = s.fleetView(f), true
+		}
+	})
+	if !found {
+		rest.WriteError(w, rest.Errorf(rest.NotFound, "", "no fleet %q", name))
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, out)
+}
+
+func (v *VMM) deleteFleet(w http.ResponseWriter, r *http.Request) {
+	var out api.Fleet
+	var err error
+	if derr := v.doWait(func(s *state) { out, err = s.deleteFleet(r.PathValue("name")) }); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusAccepted, out)
+}
+
+func (v *VMM) postMachine(w http.ResponseWriter, r *http.Request) {
+	var req api.CreateMachineRequest
+	if err := rest.DecodeJSON(r, &req, false); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	var out api.Machine
+	var err error
+	if derr := v.doWait(func(s *state) {
+		f := s.fleets[req.Fleet]
+		switch {
+		case f == nil:
+			err = rest.Errorf(rest.NotFound, "", "no fleet %q", req.Fleet)
+		case f.deleting:
+			err = rest.Errorf(rest.Conflict, "fleet_deleting", "fleet %q is being deleted", req.Fleet)
+		default:
+			n := 0
+			for _, m := range s.machines {
+				if m.m.Fleet == req.Fleet && s.live(m) {
+					n++
+				}
+			}
+			if n >= f.spec.Scaling.MaxMachines {
+				e := rest.Errorf(rest.Unavailable, api.CodeNoCapacity, "fleet %q runs %d of %d machines", req.Fleet, n, f.spec.Scaling.MaxMachines)
+				e.RetryAfter = 2
+				err = e
+				return
+			}
+			m := s.newMachine(f)
+			m.idleAt = s.now()
+			out = m.m
+		}
+	}); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusAccepted, out)
+}
+
+var machineStates = map[string]bool{api.MachineProvisioning: true, api.MachineBooting: true, api.MachineReady: true,
+	api.MachineDraining: true, api.MachineShuttingDown: true, api.MachineTerminated: true, api.MachineLost: true}
+
+var processStates = map[string]bool{api.StateStarting: true, api.StateReady: true, api.StateAllocated: true, api.StateExited: true,
+	api.StateCrashed: true, api.StateUnhealthy: true, api.StateKilled: true, api.StateLost: true}
+
+func (v *VMM) listMachines(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	fleet, st := q.Get("fleet"), q.Get("state")
+	if st != "" && !machineStates[st] {
+		rest.WriteError(w, rest.Errorf(rest.Invalid, "", "state %q is not a machine state", st))
+		return
+	}
+	var items []api.Machine
+	_ = v.doWait(func(s *state) { items = s.machineList(fleet, st) })
+	rest.WriteJSON(w, http.StatusOK, api.List[api.Machine]{Items: items})
+}
+
+func (v *VMM) getMachine(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	var out api.Machine
+	found := false
+	_ = v.doWait(func(s *state) {
+		if m := s.machines[id]; m != nil {
+			out, found = m.m, true
+			out.ProcessCount = len(m.procs)
+		}
+	})
+	if !found {
+		rest.WriteError(w, rest.Errorf(rest.NotFound, "", "no machine %q", id))
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, out)
+}
+
+func (v *VMM) deleteMachine(w http.ResponseWriter, r *http.Request) {
+	var out api.Machine
+	var err error
+	if derr := v.doWait(func(s *state) { out, err = s.requestMachineRemoval(r.PathValue("id")) }); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusAccepted, out)
+}
+
+// postStatus applies an LSPM status report: only that machine's token.
+func (v *VMM) postStatus(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	tok := rest.BearerToken(r)
+	if tok == "" {
+		rest.WriteError(w, rest.ErrUnauthorized())
+		return
+	}
+	th := rest.TokenHash(tok)
+	var st api.Status
+	bodyErr := rest.DecodeJSON(r, &st, false)
+	if bodyErr == nil && st.MachineID != "" && st.MachineID != id {
+		bodyErr = rest.Errorf(rest.Invalid, "", "report of machine %q sent for %q", st.MachineID, id)
+	}
+	var applied bool
+	var missing []string
+	var lspmURL, token string
+	var err error
+	if derr := v.doWait(func(s *state) {
+		m := s.machines[id]
+		switch {
+		case m != nil && rest.TokenEqual(m.tokenTH, th):
+		case rest.TokenEqual(th, v.adminTH):
+			err = rest.ErrForbidden("send a machine's status report; use that machine's token")
+			return
+		case s.byToken[th] != "":
+			err = rest.ErrForbidden("report for another machine")
+			return
+		default:
+			err = rest.ErrUnauthorized()
+			return
+		}
+		if err = bodyErr; err != nil {
+			return
+		}
+		applied, missing, err = s.applyReport(id, st)
+		lspmURL, token = m.lspmURL, m.token
+	}); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if len(missing) > 0 {
+		v.askAbout(id, lspmURL, token, missing)
+	}
+	rest.WriteJSON(w, http.StatusOK, api.ReportAnswer{Applied: applied})
+}
+
+// askAbout fetches processes a report left out (their end was reported
+// before a VMM restart, or the LSPM restarted) and applies what the LSPM
+// knows of them; one it does not know is lost.
+func (v *VMM) askAbout(machineID, lspmURL, token string, ids []string) {
+	v.goOwned(func(ctx context.Context) {
+		for _, pid := range ids {
+			code, raw, err := v.lspmCall(ctx, http.MethodGet, lspmURL+"/v1/processes/"+pid, token, nil)
+			if err != nil {
+				return // the next report brings us here again
+			}
+			var p api.Process
+			switch {
+			case code == http.StatusOK && json.Unmarshal(raw, &p) == nil:
+				v.post(func(s *state) {
+					if m := s.machines[machineID]; m != nil {
+						s.updateProcess(m, p)
+						s.saveMachine(m)
+					}
+				})
+			case code == http.StatusNotFound:
+				v.post(func(s *state) {
+					m := s.machines[machineID]
+					if q := s.processes[pid]; m != nil && q != nil && !api.IsTerminal(q.State) {
+						delete(m.procs, pid)
+						s.markProcessLost(q, "its machine no longer knows it")
+						s.saveMachine(m)
+					}
+				})
+			}
+		}
+	})
+}
+
+// postProcess places a process (API.md): on a machine with room, or on a
+// new one; with ?wait=ready it answers once the process is ready.
+func (v *VMM) postProcess(w http.ResponseWriter, r *http.Request) {
+	began := time.Now()
+	q := r.URL.Query()
+	wait := false
+	switch q.Get("wait") {
+	case "":
+	case "ready":
+		wait = true
+	default:
+		rest.WriteError(w, rest.Errorf(rest.Invalid, "", "wait %q: the only value is ready", q.Get("wait")))
+		return
+	}
+	timeout := 30 * time.Second
+	if s := q.Get("timeout"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 || d > 10*time.Minute {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "timeout %q: want a duration such as 30s, up to 10m", s))
+			return
+		}
+		timeout = d
+	}
+	var req api.StartRequest
+	if err := rest.DecodeJSON(r, &req, false); err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if req.Fleet == "" {
+		rest.WriteError(w, rest.Errorf(rest.Invalid, "", "fleet is required"))
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), timeout)
+	defer cancel()
+	p, err := v.start(ctx, req)
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if wait && p.State == api.StateStarting {
+		if p, err = v.waitReady(ctx, p); err != nil {
+			rest.WriteError(w, err)
+			return
+		}
+	}
+	v.metrics.placement.Observe(time.Since(began).Seconds())
+	rest.WriteJSON(w, http.StatusCreated, p)
+}
+
+// start places and spawns one process, retrying elsewhere when an LSPM
+// refuses (full, shutting down).
+func (v *VMM) start(ctx context.Context, req api.StartRequest) (api.Process, error) {
+	for attempt := 0; ; attempt++ {
+		var pl placement
+		var err error
+		if derr := v.doWait(func(s *state) { pl, err = s.place(req) }); derr != nil {
+			return api.Process{}, derr
+		}
+		if err != nil {
+			return api.Process{}, err
+		}
+		select {
+		case <-pl.ready:
+		case <-ctx.Done():
+			v.post(func(s *state) { s.release(pl) })
+			return api.Process{}, rest.Errorf(rest.Timeout, api.CodeTimeout, "no machine of fleet %q became ready in time", req.Fleet)
+		}
+		var tg spawnTarget
+		_ = v.doWait(func(s *state) { tg, err = s.target(pl, req) })
+		if err != nil { // the machine failed to boot: place again
+			v.post(func(s *state) { s.release(pl) })
+			if attempt < 5 {
+				continue
+			}
+			return api.Process{}, rest.Errorf(rest.Unavailable, api.CodeNoCapacity, "no machine could take the process: %v", err)
+		}
+		code, raw, err := v.lspmCall(ctx, http.MethodPost, tg.lspmURL+"/v1/processes", tg.token, tg.req)
+		if err == nil && code == http.StatusCreated {
+			var p api.Process
+			if err := json.Unmarshal(raw, &p); err == nil {
+				var out api.Process
+				if derr := v.doWait(func(s *state) { out = s.placed(pl, p) }); derr != nil {
+					return api.Process{}, derr
+				}
+				return out, nil
+			}
+		}
+		v.post(func(s *state) { s.release(pl) })
+		var prob api.Problem
+		_ = json.Unmarshal(raw, &prob)
+		retry := err != nil || prob.Code == api.CodeFull || prob.Code == api.CodeShuttingDown || code >= 500
+		if retry && attempt < 5 && ctx.Err() == nil {
+			continue
+		}
+		if err != nil {
+			return api.Process{}, rest.Errorf(rest.Unavailable, "machine_unreachable", "machine %s: %v", pl.machineID, err)
+		}
+		if prob.Code == "" {
+			return api.Process{}, rest.Errorf(rest.Internal, "machine_error", "machine %s answered %d", pl.machineID, code)
+		}
+		// The machine's own refusal (for example a command it does not
+		// allow) is the caller's answer.
+		return api.Process{}, &rest.Error{Kind: kindOf(code), Code: prob.Code, Detail: "machine " + pl.machineID + ": " + prob.Detail}
+	}
+}
+
+func kindOf(status int) rest.Kind {
+	switch status {
+	case http.StatusBadRequest:
+		return rest.Invalid
+	case http.StatusForbidden:
+		return rest.Forbidden
+	case http.StatusNotFound:
+		return rest.NotFound
+	case http.StatusConflict:
+		return rest.Conflict
+	case http.StatusServiceUnavailable:
+		return rest.Unavailable
+	}
+	return rest.Internal
+}
+
+// waitReady waits until a report shows the process out of starting.
+func (v *VMM) waitReady(ctx context.Context, p api.Process) (api.Process, error) {
+	c := make(chan api.Process, 1)
+	var cur api.Process
+	_ = v.doWait(func(s *state) {
+		q := s.processes[p.ID]
+		if q == nil || q.State != api.StateStarting {
+			if q != nil {
+				cur = *q
+			}
+			c <- cur
+			return
+		}
+		s.waiters[p.ID] = append(s.waiters[p.ID], c)
+	})
+	select {
+	case got := <-c:
+		if got.State == api.StateReady || got.State == api.StateAllocated {
+			return got, nil
+		}
+		return got, rest.Errorf(rest.Conflict, "not_ready", "process %s ended %s before it was ready", p.ID, got.State)
+	case <-ctx.Done():
+		return p, rest.Errorf(rest.Timeout, api.CodeTimeout, "process %s was not ready in time; it keeps starting", p.ID)
+	}
+}
+
+func (v *VMM) listProcesses(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	st := q.Get("state")
+	if st != "" && !processStates[st] {
+		rest.WriteError(w, rest.Errorf(rest.Invalid, "", "state %q is not a process state", st))
+		return
+	}
+	var items []api.Process
+	_ = v.doWait(func(s *state) { items = s.processList(q.Get("fleet"), q.Get("machine"), st) })
+	rest.WriteJSON(w, http.StatusOK, api.List[api.Process]{Items: items})
+}
+
+// processAndMachine finds a process and how to reach its machine.
+func (v *VMM) processAndMachine(id string) (api.Process, string, string, error) {
+	var p api.Process
+	var url, token string
+	found := false
+	_ = v.doWait(func(s *state) {
+		if q := s.processes[id]; q != nil {
+			p, found = *q, true
+			if m := s.machines[q.MachineID]; m != nil {
+				url, token = m.lspmURL, m.token
+			}
+		}
+	})
+	if !found {
+		return p, "", "", rest.Errorf(rest.NotFound, "", "no process %q", id)
+	}
+	return p, url, token, nil
+}
+
+func (v *VMM) getProcess(w http.ResponseWriter, r *http.Request) {
+	p, _, _, err := v.processAndMachine(r.PathValue("id"))
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, http.StatusOK, p)
+}
+
+func (v *VMM) deleteProcess(w http.ResponseWriter, r *http.Request) {
+	p, url, token, err := v.processAndMachine(r.PathValue("id"))
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if api.IsTerminal(p.State) {
+		rest.WriteJSON(w, http.StatusAccepted, p)
+		return
+	}
+	target := url + "/v1/processes/" + p.ID
+	if g := r.URL.Query().Get("grace"); g != "" {
+		if d, err := time.ParseDuration(g); err != nil || d < 0 || d > time.Hour {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "grace %q: want a duration such as 10s, from 0 to 1h", g))
+			return
+		}
+		target += "?grace=" + g
+	}
+	code, raw, err := v.lspmCall(r.Context(), http.MethodDelete, target, token, nil)
+	if err != nil {
+		rest.WriteError(w, rest.Errorf(rest.Unavailable, "machine_unreachable", "machine %s: %v", p.MachineID, err))
+		return
+	}
+	if code != http.StatusAccepted {
+		var prob api.Problem
+		_ = json.Unmarshal(raw, &prob)
+		rest.WriteError(w, &rest.Error{Kind: kindOf(code), Code: orDefault(prob.Code, "machine_error"), Detail: prob.Detail})
+		return
+	}
+	rest.WriteJSON(w, http.StatusAccepted, p)
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// getLogs streams the process's log from its machine.
+func (v *VMM) getLogs(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	if s := q.Get("tail"); s != "" {
+		if n, err := strconv.Atoi(s); err != nil || n < 0 || n > 1_000_000 {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "tail %q: want a whole number of lines from 0 to 1000000", s))
+			return
+		}
+	}
+	if s := q.Get("follow"); s != "" {
+		if _, err := strconv.ParseBool(s); err != nil {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "follow %q: want true or false", s))
+			return
+		}
+	}
+	p, url, token, err := v.processAndMachine(r.PathValue("id"))
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	if url == "" {
+		rest.WriteError(w, rest.Errorf(rest.Unavailable, "machine_unreachable", "process %s has no reachable machine", p.ID))
+		return
+	}
+	req, _ := http.NewRequestWithContext(r.Context(), http.MethodGet, url+"/v1/processes/"+p.ID+"/logs?"+q.Encode(), nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := (&http.Client{}).Do(req)
+	if err != nil {
+		rest.WriteError(w, rest.Errorf(rest.Unavailable, "machine_unreachable", "machine %s: %v", p.MachineID, err))
+		return
+	}
+	defer resp.Body.Close()
+	for _, h := range []string{"Content-Type", "X-Content-Type-Options"} {
+		if val := resp.Header.Get(h); val != "" {
+			w.Header().Set(h, val)
+		}
+	}
+	w.WriteHeader(resp.StatusCode)
+	flusher, _ := w.(http.Flusher)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := resp.Body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
+		if err != nil {
+			if err != io.EOF {
+				v.log.Debug("log stream ended", "process", p.ID, "err", err)
+			}
+			return
+		}
+	}
+}
+
+// getEvents streams events as Server-Sent Events; ?after=SEQ (or the
+// Last-Event-ID header) replays the stored ones after SEQ first.
+func (v *VMM) getEvents(w http.ResponseWriter, r *http.Request) {
+	after := int64(-1)
+	for _, s := range []string{r.Header.Get("Last-Event-ID"), r.URL.Query().Get("after")} {
+		if s == "" {
+			continue
+		}
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n < 0 {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "after %q: want an event sequence number", s))
+			return
+		}
+		after = n
+	}
+	sub, ok := v.events.subscribe()
+	if !ok {
+		rest.WriteError(w, errStopped)
+		return
+	}
+	defer v.events.unsubscribe(sub)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	last := int64(0)
+	write := func(e api.Event) bool {
+		if e.Seq <= last {
+			return true
+		}
+		last = e.Seq
+		_, err := fmt.Fprintf(w, "id: %d\ndata: %s\n\n", e.Seq, mustJSON(e))
+		return err == nil
+	}
+	if after >= 0 {
+		rows, err := v.store.Events(after, 10000)
+		if err == nil {
+			for _, row := range rows {
+				var e api.Event
+				if json.Unmarshal(row.Body, &e) == nil && !write(e) {
+					return
+				}
+			}
+		}
+	}
+	fmt.Fprint(w, ": stream open\n\n")
+	if flusher != nil {
+		flusher.Flush()
+	}
+	keepAlive := time.NewTicker(15 * time.Second)
+	defer keepAlive.Stop()
+	for {
+		select {
+		case e, ok := <-sub:
+			if !ok {
+				return
+			}
+			if !write(e) {
+				return
+			}
+		case <-keepAlive.C:
+			if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil {
+				return
+			}
+		case <-r.Context().Done():
+			return
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+}

@@ -21,6 +21,7 @@ type vmmFlags struct {
 	cfg      vmm.Config
 	logLevel string
 	firstIP  int
+	lastIP   int
 	portBase int
 }
 
@@ -31,6 +32,7 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.DurationVar(&f.cfg.ReportInterval, "report-interval", 0, "LSPM status report period (default 2s)")
 	fs.DurationVar(&f.cfg.BootTimeout, "boot-timeout", 0, "time a new machine has to report (default 60s)")
 	fs.IntVar(&f.firstIP, "local-first-host", 10, "the local provider's first machine address is 127.0.0.N")
+	fs.IntVar(&f.lastIP, "local-last-host", 250, "the local provider's last machine address is 127.0.0.N")
 	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
 	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
 }
@@ -52,7 +54,7 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, nil, err
 	}
-	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"), FirstHost: f.firstIP, PortBase: f.portBase,
+	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"), FirstHost: f.firstIP, LastHost: f.lastIP, PortBase: f.portBase,
 		Logger: log.With("provider", "local")})
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("local provider: %w", err)

@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
-	"path"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -36,44 +34,7 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/processes/{id}/heartbeat", a.processCall(a.postHeartbeat))
 	mux.HandleFunc("POST /v1/processes/{id}/shutdown", a.processCall(a.postProcessShutdown))
 	mux.HandleFunc("POST /v1/shutdown", a.machine(a.postShutdown))
-	return problems(mux, a)
-}
-
-// problems turns the mux's plain-text 404 and 405 into problem+json and a
-// panic into a 500 problem.
-func problems(mux *http.ServeMux, a *Agent) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer func() {
-			if v := recover(); v != nil {
-				if v == http.ErrAbortHandler {
-					panic(v)
-				}
-				a.log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(v))
-				rest.WriteError(w, nil)
-			}
-		}()
-		// The mux would answer an untidy path (/v1//status) with an HTML
-		// redirect; the API has no such paths.
-		if p := r.URL.Path; p == "" || p[0] != '/' || path.Clean(p) != p {
-			rest.NotFoundHandler(w, r)
-			return
-		}
-		h, pattern := mux.Handler(r)
-		if pattern == "" {
-			rec := httptest.NewRecorder()
-			h.ServeHTTP(rec, r)
-			if allow := rec.Header().Get("Allow"); allow != "" {
-				w.Header().Set("Allow", allow)
-			}
-			if rec.Code == http.StatusMethodNotAllowed {
-				rest.WriteError(w, rest.Errorf(rest.MethodNotAllowed, "", "%s is not allowed on %s", r.Method, r.URL.Path))
-				return
-			}
-			rest.NotFoundHandler(w, r)
-			return
-		}
-		mux.ServeHTTP(w, r)
-	})
+	return rest.Problems(mux, a.log)
 }
 
 type principal struct {

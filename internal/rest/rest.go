@@ -13,7 +13,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
+	"path"
 	"reflect"
 	"strings"
 
@@ -310,4 +313,39 @@ func ErrForbidden(what string) *Error {
 // NotFoundHandler answers unknown paths with problem+json.
 func NotFoundHandler(w http.ResponseWriter, r *http.Request) {
 	WriteError(w, Errorf(NotFound, "", "no route %s %s", r.Method, r.URL.Path))
+}
+
+// Problems wraps a mux so that every answer it makes itself is problem+json
+// too: unknown paths (404), wrong methods (405 with Allow), untidy paths
+// (the mux would redirect /v1//x with an HTML page; the API has no such
+// paths), and a panic (500, logged).
+func Problems(mux *http.ServeMux, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(v))
+				WriteError(w, nil)
+			}
+		}()
+		if p := r.URL.Path; p == "" || p[0] != '/' || path.Clean(p) != p {
+			NotFoundHandler(w, r)
+			return
+		}
+		h, pattern := mux.Handler(r)
+		if pattern == "" {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, r)
+			if rec.Code == http.StatusMethodNotAllowed {
+				w.Header().Set("Allow", rec.Header().Get("Allow"))
+				WriteError(w, Errorf(MethodNotAllowed, "", "%s is not allowed on %s", r.Method, r.URL.Path))
+				return
+			}
+			NotFoundHandler(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
-	"path"
+	"net/url"
 	"regexp"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -41,40 +41,7 @@ func (v *VMM) Handler() http.Handler {
 	mux.HandleFunc("DELETE /v1/processes/{id}", v.admin(v.deleteProcess))
 	mux.HandleFunc("GET /v1/processes/{id}/logs", v.admin(v.getLogs))
 	mux.HandleFunc("GET /v1/events", v.admin(v.getEvents))
-	return problems(mux, v)
-}
-
-// problems turns the mux's 404 and 405 into problem+json, untidy paths
-// into a 404, and a panic into a 500 problem.
-func problems(mux *http.ServeMux, v *VMM) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer func() {
-			if x := recover(); x != nil {
-				if x == http.ErrAbortHandler {
-					panic(x)
-				}
-				v.log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(x))
-				rest.WriteError(w, nil)
-			}
-		}()
-		if p := r.URL.Path; p == "" || p[0] != '/' || path.Clean(p) != p {
-			rest.NotFoundHandler(w, r)
-			return
-		}
-		h, pattern := mux.Handler(r)
-		if pattern == "" {
-			rec := httptest.NewRecorder()
-			h.ServeHTTP(rec, r)
-			if rec.Code == http.StatusMethodNotAllowed {
-				w.Header().Set("Allow", rec.Header().Get("Allow"))
-				rest.WriteError(w, rest.Errorf(rest.MethodNotAllowed, "", "%s is not allowed on %s", r.Method, r.URL.Path))
-				return
-			}
-			rest.NotFoundHandler(w, r)
-			return
-		}
-		mux.ServeHTTP(w, r)
-	})
+	return rest.Problems(mux, v.log)
 }
 
 // admin guards a route with the admin token. A machine token is a valid
@@ -101,7 +68,32 @@ func (v *VMM) admin(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-var namePattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+var (
+	namePattern     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	portNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,31}$`)
+	processIDRe     = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+)
+
+// validateReport checks what decoding cannot: the values of API.md.
+func validateReport(st *api.Status) error {
+	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
+	switch st.State {
+	case api.LoadEmpty, api.LoadPartial, api.LoadFull, api.LoadShuttingDown:
+	default:
+		return bad("state %q: want empty, partial, full or shutting_down", st.State)
+	}
+	for _, p := range st.Processes {
+		if !processIDRe.MatchString(p.ID) || !processStates[p.State] || api.IsTerminal(p.State) {
+			return bad("live process %q: want an id and a live state, got %q", p.ID, p.State)
+		}
+	}
+	for _, p := range st.Ended {
+		if !processIDRe.MatchString(p.ID) || !api.IsTerminal(p.State) {
+			return bad("ended process %q: want an id and a final state, got %q", p.ID, p.State)
+		}
+	}
+	return nil
+}
 
 // validateFleet checks a fleet and fills its defaults.
 func validateFleet(f *api.Fleet) error {
@@ -155,6 +147,24 @@ func validateFleet(f *api.Fleet) error {
 	}
 	if h.PeriodSeconds < 0.01 || h.PeriodSeconds > 3600 || h.FailureThreshold < 1 || h.FailureThreshold > 1000 || h.StartTimeoutSeconds < 0 || h.StartTimeoutSeconds > 86400 {
 		return bad("health values out of range")
+	}
+	if len(f.Ports) > 16 {
+		return bad("at most 16 ports per process")
+	}
+	seen := map[string]bool{}
+	for _, p := range f.Ports {
+		if !portNamePattern.MatchString(p) || seen[p] {
+			return bad("port name %q: want unique lower-case letters, digits and _, starting with a letter", p)
+		}
+		seen[p] = true
+	}
+	for _, arg := range f.Command {
+		if strings.IndexByte(arg, 0) >= 0 {
+			return bad("command arguments must not contain NUL bytes")
+		}
+	}
+	if sc.IdleShutdownSeconds > 365*24*3600 {
+		return bad("scaling.idleShutdownSeconds is at most a year")
 	}
 	if f.Image == "" && len(f.Command) == 0 && f.Provider != "local" {
 		return bad("a fleet needs an image or a command")
@@ -234,6 +244,10 @@ func (v *VMM) postMachine(w http.ResponseWriter, r *http.Request) {
 	var req api.CreateMachineRequest
 	if err := rest.DecodeJSON(r, &req, false); err != nil {
 		rest.WriteError(w, err)
+		return
+	}
+	if req.Fleet == "" {
+		rest.WriteError(w, rest.Errorf(rest.Invalid, "", "fleet is required"))
 		return
 	}
 	var out api.Machine
@@ -333,6 +347,9 @@ func (v *VMM) postStatus(w http.ResponseWriter, r *http.Request) {
 	bodyErr := rest.DecodeJSON(r, &st, false)
 	if bodyErr == nil && st.MachineID != "" && st.MachineID != id {
 		bodyErr = rest.Errorf(rest.Invalid, "", "report of machine %q sent for %q", st.MachineID, id)
+	}
+	if bodyErr == nil {
+		bodyErr = validateReport(&st)
 	}
 	var applied bool
 	var missing []string
@@ -592,7 +609,14 @@ func (v *VMM) getProcess(w http.ResponseWriter, r *http.Request) {
 }
 
 func (v *VMM) deleteProcess(w http.ResponseWriter, r *http.Request) {
-	p, url, token, err := v.processAndMachine(r.PathValue("id"))
+	g := r.URL.Query().Get("grace")
+	if g != "" {
+		if d, err := time.ParseDuration(g); err != nil || d < 0 || d > time.Hour {
+			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "grace %q: want a duration such as 10s, from 0 to 1h", g))
+			return
+		}
+	}
+	p, lspmURL, token, err := v.processAndMachine(r.PathValue("id"))
 	if err != nil {
 		rest.WriteError(w, err)
 		return
@@ -601,13 +625,9 @@ func (v *VMM) deleteProcess(w http.ResponseWriter, r *http.Request) {
 		rest.WriteJSON(w, http.StatusAccepted, p)
 		return
 	}
-	target := url + "/v1/processes/" + p.ID
-	if g := r.URL.Query().Get("grace"); g != "" {
-		if d, err := time.ParseDuration(g); err != nil || d < 0 || d > time.Hour {
-			rest.WriteError(w, rest.Errorf(rest.Invalid, "", "grace %q: want a duration such as 10s, from 0 to 1h", g))
-			return
-		}
-		target += "?grace=" + g
+	target := lspmURL + "/v1/processes/" + p.ID
+	if g != "" {
+		target += "?grace=" + url.QueryEscape(g)
 	}
 	code, raw, err := v.lspmCall(r.Context(), http.MethodDelete, target, token, nil)
 	if err != nil {

@@ -166,6 +166,9 @@ func validateFleet(f *api.Fleet) error {
 	if sc.IdleShutdownSeconds > 365*24*3600 {
 		return bad("scaling.idleShutdownSeconds is at most a year")
 	}
+	if f.Provider == "local" && f.Image != "" {
+		return bad("the local provider runs the dedi binary's LSPM on this host and takes no image; leave image empty and set command")
+	}
 	if f.Image == "" && len(f.Command) == 0 && f.Provider != "local" {
 		return bad("a fleet needs an image or a command")
 	}
@@ -488,10 +491,18 @@ func (v *VMM) start(ctx context.Context, req api.StartRequest) (api.Process, err
 			return api.Process{}, rest.Errorf(rest.Timeout, api.CodeTimeout, "no machine of fleet %q became ready in time", req.Fleet)
 		}
 		var tg spawnTarget
-		_ = v.doWait(func(s *state) { tg, err = s.target(pl, req) })
-		if err != nil { // the machine failed to boot: place again
+		var failed bool
+		_ = v.doWait(func(s *state) { tg, failed, err = s.target(pl, req) })
+		if err != nil {
 			v.post(func(s *state) { s.release(pl) })
-			if attempt < 5 {
+			if failed {
+				// The provider could not make the machine: another try would
+				// only make another failed machine.
+				e := rest.Errorf(rest.Unavailable, "provision_failed", "%v", err)
+				e.RetryAfter = 5
+				return api.Process{}, e
+			}
+			if attempt < 5 { // the machine went away while booting: place again
 				continue
 			}
 			return api.Process{}, rest.Errorf(rest.Unavailable, api.CodeNoCapacity, "no machine could take the process: %v", err)

@@ -54,17 +54,18 @@ type fleetState struct {
 }
 
 type machineState struct {
-	m        api.Machine
-	token    string
-	tokenTH  string // its hash, compared with a caller's
-	lspmURL  string
-	reserved int                 // slots held by placements in flight
-	procs    map[string]struct{} // live processes placed here
-	idleAt   time.Time           // when it last became empty
-	bootBy   time.Time           // first report due by
-	busy     bool                // a provider call or handshake is in flight
-	removing bool                // deletion asked (DELETE or fleet deletion)
-	ready    chan struct{}       // closed when it leaves provisioning/booting
+	m         api.Machine
+	token     string
+	tokenTH   string // its hash, compared with a caller's
+	lspmURL   string
+	reserved  int                 // slots held by placements in flight
+	procs     map[string]struct{} // live processes placed here
+	idleAt    time.Time           // when it last became empty
+	bootBy    time.Time           // first report due by
+	busy      bool                // a provider call or handshake is in flight
+	removing  bool                // deletion asked (DELETE or fleet deletion)
+	createErr string              // why the provider could not create it
+	ready     chan struct{}       // closed when it leaves provisioning/booting
 }
 
 // storedMachine is a machine's row in the store.
@@ -220,6 +221,7 @@ func (s *state) created(id string, providerID, address, lspmURL string, err erro
 	}
 	m.busy = false
 	if err != nil {
+		m.createErr = err.Error()
 		s.setMachineState(m, api.MachineTerminated, "provider: "+err.Error())
 		return
 	}
@@ -328,18 +330,22 @@ type spawnTarget struct {
 	req     api.SpawnRequest
 }
 
-func (s *state) target(pl placement, start api.StartRequest) (spawnTarget, error) {
+// target also reports whether the machine failed to be created.
+func (s *state) target(pl placement, start api.StartRequest) (spawnTarget, bool, error) {
 	m := s.machines[pl.machineID]
 	if m == nil || m.m.State != api.MachineReady {
+		if m != nil && m.createErr != "" {
+			return spawnTarget{}, true, fmt.Errorf("machine %s could not be created: %s", pl.machineID, m.createErr)
+		}
 		st := "gone"
 		if m != nil {
 			st = m.m.State
 		}
-		return spawnTarget{}, fmt.Errorf("machine %s is %s", pl.machineID, st)
+		return spawnTarget{}, false, fmt.Errorf("machine %s is %s", pl.machineID, st)
 	}
 	f := s.fleets[m.m.Fleet]
 	if f == nil {
-		return spawnTarget{}, fmt.Errorf("fleet %s is gone", m.m.Fleet)
+		return spawnTarget{}, false, fmt.Errorf("fleet %s is gone", m.m.Fleet)
 	}
 	h := f.spec.Health
 	ports := f.spec.Ports
@@ -349,7 +355,7 @@ func (s *state) target(pl placement, start api.StartRequest) (spawnTarget, error
 	return spawnTarget{lspmURL: m.lspmURL, token: m.token, req: api.SpawnRequest{
 		ID: pl.processID, Fleet: f.spec.Name, Command: f.spec.Command, Params: start.Params, Labels: start.Labels,
 		Ports: ports, Health: &h, SDK: f.spec.SDK,
-	}}, nil
+	}}, false, nil
 }
 
 // release gives a held slot back.

@@ -45,8 +45,9 @@ func runUp(args []string, stdout, stderr io.Writer) error {
 	url := "http://" + v.Addr()
 	tokenPath := filepath.Join(f.cfg.DataDir, "admin-token")
 	token, err := os.ReadFile(tokenPath)
+	tokenHint := "$(cat " + tokenPath + ")"
 	if f.cfg.AdminToken != "" {
-		token, tokenPath, err = []byte(f.cfg.AdminToken), "the DEDI_TOKEN environment variable", nil
+		token, tokenPath, tokenHint, err = []byte(f.cfg.AdminToken), "the DEDI_TOKEN environment variable", "<your DEDI_TOKEN>", nil
 	}
 	if err != nil {
 		cancel()
@@ -70,7 +71,7 @@ func runUp(args []string, stdout, stderr io.Writer) error {
 The admin token is in %s
 
 Try it (in another shell):
-  export DEDI_ADDR=%s DEDI_TOKEN=$(cat %s)
+  export DEDI_ADDR=%s DEDI_TOKEN=%s
   curl -s -H "Authorization: Bearer $DEDI_TOKEN" -X POST "$DEDI_ADDR/v1/processes?wait=ready" -d '{"fleet":"demo"}'
        # or: dedi process start --fleet demo --wait
   # note "address" and "ports" in the answer, e.g. 127.0.0.10 and 30000, then:
@@ -79,7 +80,7 @@ Try it (in another shell):
   dedi events              # the stream of changes
 
 Ctrl-C stops dedi and every machine and game server it started.
-`, url, tokenPath, url, tokenPath)
+`, url, tokenPath, url, tokenHint)
 
 	err = <-runErr
 	// Leave nothing behind: every local machine drains and goes.

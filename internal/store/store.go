@@ -31,6 +31,7 @@ type Op struct {
 	// Columns that queries and pruning use (processes, machines).
 	Fleet, Machine, State string
 	Ended                 bool
+	Order                 int64 // processes: insertion order, for pruning the oldest
 }
 
 // Row is a stored row.
@@ -44,6 +45,7 @@ type Snapshot struct {
 	Fleets, Machines, Processes []Row
 	Meta                        map[string]string
 	LastEventSeq                int64
+	LastProcessOrder            int64
 }
 
 // Store is the VMM's database.
@@ -124,10 +126,10 @@ func apply(tx *sql.Tx, op Op) error {
 			_, err = tx.Exec(`DELETE FROM processes WHERE key = ?`, op.Key)
 		} else {
 			_, err = tx.Exec(`INSERT INTO processes (key, fleet, machine, state, ended, rowid_order, body)
-				VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(rowid_order), 0) + 1 FROM processes), ?)
+				VALUES (?, ?, ?, ?, ?, ?, ?)
 				ON CONFLICT(key) DO UPDATE SET fleet = excluded.fleet, machine = excluded.machine,
 				state = excluded.state, ended = excluded.ended, body = excluded.body`,
-				op.Key, op.Fleet, op.Machine, op.State, op.Ended, op.Body)
+				op.Key, op.Fleet, op.Machine, op.State, op.Ended, op.Order, op.Body)
 		}
 	case Events:
 		_, err = tx.Exec(`INSERT INTO events (seq, body) VALUES (?, ?)`, op.Seq, op.Body)
@@ -165,6 +167,9 @@ func (s *Store) Load() (Snapshot, error) {
 	}
 	if err := s.db.QueryRow(`SELECT COALESCE(MAX(seq), 0) FROM events`).Scan(&snap.LastEventSeq); err != nil {
 		return snap, fmt.Errorf("store: events: %w", err)
+	}
+	if err := s.db.QueryRow(`SELECT COALESCE(MAX(rowid_order), 0) FROM processes`).Scan(&snap.LastProcessOrder); err != nil {
+		return snap, fmt.Errorf("store: processes: %w", err)
 	}
 	return snap, nil
 }

@@ -82,7 +82,7 @@ func TestPruneKeepsNewest(t *testing.T) {
 	var ops []Op
 	for i := 1; i <= 10; i++ {
 		ops = append(ops, Op{Table: Events, Seq: int64(i), Body: []byte(`{}`)},
-			Op{Table: Processes, Key: string(rune('a' + i)), Ended: i%2 == 0, Body: []byte(`{}`)})
+			Op{Table: Processes, Key: string(rune('a' + i)), Ended: i%2 == 0, Order: int64(i), Body: []byte(`{}`)})
 	}
 	if err := s.Apply(ops); err != nil {
 		t.Fatal(err)

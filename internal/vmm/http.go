@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"dedi.dev/dedi/api"
@@ -395,6 +396,11 @@ func (v *VMM) postStatus(w http.ResponseWriter, r *http.Request) {
 // knows of them; one it does not know is lost.
 func (v *VMM) askAbout(machineID, lspmURL, token string, ids []string) {
 	v.goOwned(func(ctx context.Context) {
+		defer v.post(func(s *state) {
+			for _, pid := range ids {
+				delete(s.asking, pid)
+			}
+		})
 		for _, pid := range ids {
 			code, raw, err := v.lspmCall(ctx, http.MethodGet, lspmURL+"/v1/processes/"+pid, token, nil)
 			if err != nil {
@@ -475,10 +481,13 @@ func (v *VMM) postProcess(w http.ResponseWriter, r *http.Request) {
 // start places and spawns one process, retrying elsewhere when an LSPM
 // refuses (full, shutting down).
 func (v *VMM) start(ctx context.Context, req api.StartRequest) (api.Process, error) {
+	// One id for every attempt: an LSPM that took a spawn whose answer got
+	// lost says so (409 exists) instead of running it twice.
+	id := "p-" + uuid.NewString()
 	for attempt := 0; ; attempt++ {
 		var pl placement
 		var err error
-		if derr := v.doWait(func(s *state) { pl, err = s.place(req) }); derr != nil {
+		if derr := v.doWait(func(s *state) { pl, err = s.place(req, id) }); derr != nil {
 			return api.Process{}, derr
 		}
 		if err != nil {
@@ -508,6 +517,15 @@ func (v *VMM) start(ctx context.Context, req api.StartRequest) (api.Process, err
 			return api.Process{}, rest.Errorf(rest.Unavailable, api.CodeNoCapacity, "no machine could take the process: %v", err)
 		}
 		code, raw, err := v.lspmCall(ctx, http.MethodPost, tg.lspmURL+"/v1/processes", tg.token, tg.req)
+		if err != nil || (code == http.StatusConflict && strings.Contains(string(raw), `"exists"`)) {
+			// Did the spawn get there? The LSPM knows the id if it did.
+			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			gcode, graw, gerr := v.lspmCall(cctx, http.MethodGet, tg.lspmURL+"/v1/processes/"+id, tg.token, nil)
+			cancel()
+			if gerr == nil && gcode == http.StatusOK {
+				code, raw, err = http.StatusCreated, graw, nil
+			}
+		}
 		if err == nil && code == http.StatusCreated {
 			var p api.Process
 			if err := json.Unmarshal(raw, &p); err == nil {

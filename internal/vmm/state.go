@@ -35,6 +35,38 @@ type state struct {
 	events    []api.Event
 	waiters   map[string][]chan api.Process // ?wait=ready requests by process
 	byToken   map[string]string             // machine token hash -> machine id
+	asking    map[string]bool               // processes being asked for at their LSPM
+	procOrder int64                         // insertion order of process rows
+	// lostFrom holds lost detection back after a start, until the LSPMs
+	// have had LostAfter to reach the new VMM.
+	lostFrom time.Time
+	ticks    int
+}
+
+// pruneEnded keeps the newest KeepEnded ended processes in memory (the
+// committer prunes the store alike).
+func (s *state) pruneEnded() {
+	var ended []*api.Process
+	for _, p := range s.processes {
+		if api.IsTerminal(p.State) {
+			ended = append(ended, p)
+		}
+	}
+	extra := len(ended) - s.v.cfg.KeepEnded
+	if extra <= 0 {
+		return
+	}
+	sort.Slice(ended, func(i, j int) bool { return endedAt(ended[i]).Before(endedAt(ended[j])) })
+	for _, p := range ended[:extra] {
+		delete(s.processes, p.ID)
+	}
+}
+
+func endedAt(p *api.Process) time.Time {
+	if p.EndedAt != nil {
+		return *p.EndedAt
+	}
+	return p.CreatedAt
 }
 
 // wakeReady answers the requests waiting for a process to leave starting.
@@ -51,6 +83,11 @@ func (s *state) wakeReady(p *api.Process) {
 type fleetState struct {
 	spec     api.Fleet
 	deleting bool
+	// After the provider failed to create a machine, no new one is asked
+	// for until createAfter (backoff doubling up to 5 minutes).
+	createAfter   time.Time
+	createBackoff time.Duration
+	createErr     string
 }
 
 type machineState struct {
@@ -63,6 +100,7 @@ type machineState struct {
 	idleAt    time.Time           // when it last became empty
 	bootBy    time.Time           // first report due by
 	busy      bool                // a provider call or handshake is in flight
+	retryAt   time.Time           // when a failed provider delete is tried again
 	removing  bool                // deletion asked (DELETE or fleet deletion)
 	createErr string              // why the provider could not create it
 	ready     chan struct{}       // closed when it leaves provisioning/booting
@@ -109,8 +147,9 @@ func (s *state) saveMachine(m *machineState) {
 }
 
 func (s *state) saveProcess(p *api.Process) {
+	s.procOrder++
 	s.ops = append(s.ops, store.Op{Table: store.Processes, Key: p.ID, Fleet: p.Fleet, Machine: p.MachineID,
-		State: p.State, Ended: api.IsTerminal(p.State), Body: mustJSON(p)})
+		State: p.State, Ended: api.IsTerminal(p.State), Order: s.procOrder, Body: mustJSON(p)})
 }
 
 // setMachineState moves a machine and records the event.
@@ -199,7 +238,7 @@ func (s *state) maybeRemoveFleet(name string) {
 // starts the provider call.
 func (s *state) newMachine(f *fleetState) *machineState {
 	m := &machineState{
-		m: api.Machine{ID: "m-" + uuid.NewString()[:8], Fleet: f.spec.Name, Provider: f.spec.Provider,
+		m: api.Machine{ID: s.newMachineID(), Fleet: f.spec.Name, Provider: f.spec.Provider,
 			State: api.MachineProvisioning, Load: api.LoadEmpty, MaxProcesses: f.spec.ProcessesPerMachine, CreatedAt: s.now()},
 		token: newToken(), procs: map[string]struct{}{}, ready: make(chan struct{}), busy: true,
 		bootBy: s.now().Add(s.v.cfg.BootTimeout),
@@ -213,6 +252,15 @@ func (s *state) newMachine(f *fleetState) *machineState {
 	return m
 }
 
+func (s *state) newMachineID() string {
+	for {
+		id := "m-" + uuid.NewString()
+		if _, taken := s.machines[id]; !taken {
+			return id
+		}
+	}
+}
+
 // created records the provider's answer to a create.
 func (s *state) created(id string, providerID, address, lspmURL string, err error) {
 	m := s.machines[id]
@@ -220,16 +268,28 @@ func (s *state) created(id string, providerID, address, lspmURL string, err erro
 		return
 	}
 	m.busy = false
+	f := s.fleets[m.m.Fleet]
 	if err != nil {
 		m.createErr = err.Error()
+		if f != nil {
+			f.createBackoff = min(max(2*f.createBackoff, 5*time.Second), 5*time.Minute)
+			f.createAfter = s.now().Add(f.createBackoff)
+			f.createErr = err.Error()
+		}
 		s.setMachineState(m, api.MachineTerminated, "provider: "+err.Error())
 		return
 	}
+	if f != nil {
+		f.createBackoff, f.createErr = 0, ""
+	}
 	m.m.ProviderID, m.m.Address, m.lspmURL = providerID, address, lspmURL
-	if m.m.State == api.MachineProvisioning {
+	switch {
+	case m.m.State == api.MachineProvisioning && m.m.LastReportAt != nil:
+		s.setMachineState(m, api.MachineReady, "") // its first report came before the provider's answer
+	case m.m.State == api.MachineProvisioning:
 		m.bootBy = s.now().Add(s.v.cfg.BootTimeout)
 		s.setMachineState(m, api.MachineBooting, "")
-	} else {
+	default:
 		s.saveMachine(m)
 	}
 }
@@ -264,7 +324,7 @@ type placement struct {
 // place holds a slot for a new process of the fleet: on the ready machine
 // that the fleet's policy picks, else on a booting machine with room, else
 // on a new machine; never more machines than the demand needs.
-func (s *state) place(req api.StartRequest) (placement, error) {
+func (s *state) place(req api.StartRequest, processID string) (placement, error) {
 	f := s.fleets[req.Fleet]
 	if f == nil {
 		return placement{}, rest.Errorf(rest.NotFound, "", "no fleet %q", req.Fleet)
@@ -284,6 +344,9 @@ func (s *state) place(req api.StartRequest) (placement, error) {
 		}
 		switch m.m.State {
 		case api.MachineReady:
+			if m.lspmURL == "" || m.busy {
+				continue
+			}
 			if best == nil || s.better(f.spec.Placement, m, best) {
 				best = m
 			}
@@ -298,6 +361,12 @@ func (s *state) place(req api.StartRequest) (placement, error) {
 		target = booting
 	}
 	if target == nil {
+		if now := s.now(); now.Before(f.createAfter) {
+			e := rest.Errorf(rest.Unavailable, "provision_failed", "the provider could not create a machine for fleet %q: %s (next try in %s)",
+				req.Fleet, f.createErr, f.createAfter.Sub(now).Round(time.Second))
+			e.RetryAfter = int(f.createAfter.Sub(now).Seconds()) + 1
+			return placement{}, e
+		}
 		if liveCount >= f.spec.Scaling.MaxMachines {
 			e := rest.Errorf(rest.Unavailable, api.CodeNoCapacity, "fleet %q runs %d of %d machines and none has room", req.Fleet, liveCount, f.spec.Scaling.MaxMachines)
 			e.RetryAfter = 2
@@ -307,7 +376,7 @@ func (s *state) place(req api.StartRequest) (placement, error) {
 	}
 	target.reserved++
 	target.idleAt = time.Time{}
-	return placement{processID: "p-" + uuid.NewString(), machineID: target.m.ID, ready: target.ready}, nil
+	return placement{processID: processID, machineID: target.m.ID, ready: target.ready}, nil
 }
 
 // better tells whether a beats b under the policy.
@@ -380,12 +449,17 @@ func (s *state) placed(pl placement, p api.Process) api.Process {
 	p.MachineID = pl.machineID
 	if m != nil {
 		p.Fleet = m.m.Fleet
-		if !api.IsTerminal(p.State) {
-			m.procs[p.ID] = struct{}{}
-		}
-		s.saveMachine(m)
 	}
 	s.processes[p.ID] = &p
+	if m == nil || !s.live(m) {
+		// The machine went away between the LSPM's answer and now.
+		s.markProcessLost(&p, "its machine was lost while the process was placed")
+		return p
+	}
+	if !api.IsTerminal(p.State) {
+		m.procs[p.ID] = struct{}{}
+	}
+	s.saveMachine(m)
 	s.saveProcess(&p)
 	s.event("process."+p.State, p.Fleet, p.MachineID, p.ID, p.State, "")
 	return p
@@ -401,21 +475,31 @@ func (s *state) applyReport(id string, st api.Status) (bool, []string, error) {
 	if m == nil {
 		return false, nil, rest.Errorf(rest.NotFound, "", "no machine %q", id)
 	}
-	if st.Seq <= m.m.Seq {
+	if st.Seq <= m.m.Seq || !s.live(m) {
+		// Stale, or from a machine already lost or gone: a lost machine
+		// stays lost (its processes were ended and its deletion begun).
 		return false, nil, nil
 	}
 	now := s.now()
 	m.m.Seq = st.Seq
 	m.m.LastReportAt = &now
+	dirty := m.m.Hardware == nil || *m.m.Hardware != st.Hardware
 	hw := st.Hardware
 	m.m.Hardware = &hw
-	m.m.Load = st.State
-	if st.MaxProcesses > 0 {
-		m.m.MaxProcesses = st.MaxProcesses
+	load := st.State
+	if load == api.LoadShuttingDown { // API.md's load is empty, partial or full
+		load = api.LoadEmpty
+		if len(st.Processes) > 0 {
+			load = api.LoadPartial
+		}
+	}
+	dirty = dirty || m.m.Load != load
+	m.m.Load = load
+	if st.MaxProcesses > 0 && st.MaxProcesses != m.m.MaxProcesses {
+		m.m.MaxProcesses, dirty = st.MaxProcesses, true
 	}
 	s.v.metrics.reportLag(now.Sub(st.At))
-	switch m.m.State {
-	case api.MachineProvisioning, api.MachineBooting, api.MachineLost:
+	if m.m.State == api.MachineBooting || (m.m.State == api.MachineProvisioning && m.lspmURL != "") {
 		if st.State != api.LoadShuttingDown {
 			s.setMachineState(m, api.MachineReady, "")
 		}
@@ -431,14 +515,19 @@ func (s *state) applyReport(id string, st api.Status) (bool, []string, error) {
 	}
 	var missing []string
 	for pid := range m.procs {
-		if !seen[pid] {
+		if !seen[pid] && !s.asking[pid] {
+			s.asking[pid] = true
 			missing = append(missing, pid)
 		}
 	}
 	if len(m.procs) == 0 && m.reserved == 0 && m.idleAt.IsZero() {
 		m.idleAt = now
 	}
-	s.saveMachine(m)
+	// Seq and report time live in memory: the row is written when
+	// something a restarted VMM needs changed, not 2,000 times a second.
+	if dirty || m.m.ProcessCount != len(m.procs) {
+		s.saveMachine(m)
+	}
 	return true, missing, nil
 }
 
@@ -486,9 +575,9 @@ func (s *state) updateProcess(m *machineState, rp api.Process) {
 		s.saveProcess(p)
 		s.event("process."+p.State, p.Fleet, m.m.ID, p.ID, p.State, detail)
 		s.wakeReady(p)
-	} else if p.Players != rp.Players {
-		s.saveProcess(p)
 	}
+	// A changed player count is kept in memory only: it comes back with the
+	// next report, and writing it would cost a row per heartbeat.
 }
 
 // markProcessLost ends a process whose machine went silent.
@@ -506,23 +595,36 @@ func (s *state) markProcessLost(p *api.Process, detail string) {
 
 func (s *state) tick() {
 	now := s.now()
-	perFleet := map[string]int{}
+	perFleet := map[string]int{} // machines that serve or will: min machines counts these
 	for _, m := range s.machines {
-		if s.live(m) {
+		switch m.m.State {
+		case api.MachineProvisioning, api.MachineBooting, api.MachineReady:
 			perFleet[m.m.Fleet]++
 		}
 	}
+	checkLost := !now.Before(s.lostFrom)
 	for _, m := range s.machines {
 		switch m.m.State {
-		case api.MachineBooting:
+		case api.MachineProvisioning, api.MachineBooting:
 			if now.After(m.bootBy) && !m.busy {
 				s.setMachineState(m, api.MachineShuttingDown, "no report within the boot timeout")
-				s.v.deprovision(m.m.ID, m.m.Provider, m.m.ProviderID)
 				m.busy = true
+				s.v.deprovision(m.m.ID, m.m.Provider, m.m.ProviderID)
+			}
+		case api.MachineShuttingDown:
+			// Resumed after a restart, or retried after a failed delete.
+			if !m.busy && !now.Before(m.retryAt) {
+				m.busy = true
+				s.v.deprovision(m.m.ID, m.m.Provider, m.m.ProviderID)
 			}
 		case api.MachineReady, api.MachineDraining:
-			if m.m.LastReportAt != nil && now.Sub(*m.m.LastReportAt) > s.v.cfg.LostAfter {
+			if checkLost && m.m.LastReportAt != nil && now.Sub(*m.m.LastReportAt) > s.v.cfg.LostAfter {
 				s.machineLost(m, fmt.Sprintf("no status report for %s", now.Sub(*m.m.LastReportAt).Round(time.Millisecond)))
+				continue
+			}
+			if m.m.State == api.MachineDraining && !m.busy {
+				m.busy = true // a handshake cut short by a restart: ask again
+				s.v.handshake(m.m.ID, m.lspmURL, m.token)
 				continue
 			}
 			if m.m.State == api.MachineReady && !m.busy && len(m.procs) == 0 && m.reserved == 0 {
@@ -540,7 +642,7 @@ func (s *state) tick() {
 				}
 			}
 		case api.MachineLost:
-			if !m.busy && m.m.ProviderID != "" {
+			if !m.busy && m.m.ProviderID != "" && !now.Before(m.retryAt) {
 				// Clean up what the provider still holds; the machine stays
 				// lost in the record.
 				m.busy = true
@@ -548,12 +650,15 @@ func (s *state) tick() {
 			}
 		}
 	}
+	if s.ticks++; s.ticks%40 == 0 {
+		s.pruneEnded()
+	}
 	for name, f := range s.fleets {
 		if f.deleting {
 			s.maybeRemoveFleet(name)
 			continue
 		}
-		for n := perFleet[name]; n < f.spec.Scaling.MinMachines && n < f.spec.Scaling.MaxMachines; n++ {
+		for n := perFleet[name]; n < f.spec.Scaling.MinMachines && n < f.spec.Scaling.MaxMachines && !now.Before(f.createAfter); n++ {
 			s.newMachine(f)
 		}
 	}
@@ -573,11 +678,14 @@ func (s *state) machineLost(m *machineState, detail string) {
 // handshakeDone applies the LSPM's answer to the shutdown handshake.
 func (s *state) handshakeDone(id string, accepted bool, err error) {
 	m := s.machines[id]
-	if m == nil || m.m.State != api.MachineDraining {
+	if m == nil {
 		return
 	}
+	m.busy = false
+	if m.m.State != api.MachineDraining {
+		return // lost meanwhile: the tick cleans it up
+	}
 	if !accepted {
-		m.busy = false
 		m.idleAt = s.now()
 		detail := "busy"
 		if err != nil {
@@ -587,6 +695,7 @@ func (s *state) handshakeDone(id string, accepted bool, err error) {
 		return
 	}
 	s.setMachineState(m, api.MachineShuttingDown, "")
+	m.busy = true
 	s.v.deprovision(m.m.ID, m.m.Provider, m.m.ProviderID)
 }
 
@@ -598,9 +707,16 @@ func (s *state) deprovisioned(id string, err error) {
 	}
 	m.busy = false
 	if err != nil {
+		m.retryAt = s.now().Add(30 * time.Second)
 		s.event("machine.delete_failed", m.m.Fleet, id, "", m.m.State, err.Error())
-		return // the tick tries again for lost machines; others stay visible
+		return // the tick tries again
 	}
+	for pid := range m.procs { // none should be left: the handshake said so
+		if p := s.processes[pid]; p != nil && !api.IsTerminal(p.State) {
+			s.markProcessLost(p, "its machine was deleted")
+		}
+	}
+	m.procs = map[string]struct{}{}
 	if m.m.State == api.MachineLost {
 		m.m.ProviderID = ""
 		s.saveMachine(m)

@@ -229,6 +229,9 @@ func TestBootTimeoutDeletesTheMachine(t *testing.T) {
 	_, raw := tv.req(t, "POST", "/v1/machines", testAdmin, api.CreateMachineRequest{Fleet: "f"})
 	var m api.Machine
 	_ = json.Unmarshal(raw, &m)
+	for tv.machine(t, m.ID).State != api.MachineBooting { // the provider answers off the loop
+		time.Sleep(time.Millisecond)
+	}
 	tv.step(9 * time.Second)
 	if st := tv.machine(t, m.ID).State; st != api.MachineBooting {
 		t.Fatalf("before the boot timeout: %s", st)

@@ -117,7 +117,8 @@ func (v *VMM) load() (*state, error) {
 	}
 	s := &state{v: v, fleets: map[string]*fleetState{}, machines: map[string]*machineState{},
 		processes: map[string]*api.Process{}, eventSeq: snap.LastEventSeq, waiters: map[string][]chan api.Process{},
-		byToken: map[string]string{}}
+		byToken: map[string]string{}, asking: map[string]bool{}, procOrder: snap.LastProcessOrder,
+		lostFrom: v.clock.Now().UTC().Add(v.cfg.LostAfter)}
 	for _, r := range snap.Fleets {
 		var f api.Fleet
 		if err := json.Unmarshal(r.Body, &f); err != nil {
@@ -184,11 +185,14 @@ func (v *VMM) Run(ctx context.Context) error {
 		v.events.close()
 		v.store.Close()
 	}()
-	v.reconcile(runCtx)
 	srv := &http.Server{Handler: v.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(v.log.Handler(), slog.LevelWarn)}
 	serveErr := make(chan error, 1)
 	v.goOwned(func(context.Context) { serveErr <- srv.Serve(v.ln) })
+	// Reports are served from now on: lost detection counts from here, and
+	// the providers are reconciled in the background.
+	v.post(func(s *state) { s.lostFrom = s.now().Add(v.cfg.LostAfter) })
+	v.goOwned(v.reconcile)
 	v.log.Info("vmm listening", "addr", v.Addr(), "url", v.url)
 	var err error
 	select {
@@ -226,7 +230,9 @@ func (v *VMM) reconcile(ctx context.Context) {
 		recorded[m.id] = m
 	}
 	for name, p := range v.cfg.Providers {
-		list, err := p.List(ctx, "")
+		lctx, cancel := context.WithTimeout(ctx, time.Minute)
+		list, err := p.List(lctx, "")
+		cancel()
 		if err != nil {
 			v.log.Warn("list machines", "provider", name, "err", err)
 			continue
@@ -237,7 +243,9 @@ func (v *VMM) reconcile(ctx context.Context) {
 			k, ok := recorded[pm.MachineID]
 			if !ok || k.state == api.MachineTerminated {
 				v.log.Warn("deleting a machine no record names", "provider", name, "machine", pm.MachineID, "fleet", pm.Fleet)
-				_ = p.Delete(ctx, pm.ProviderID)
+				dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+				_ = p.Delete(dctx, pm.ProviderID)
+				cancel()
 			}
 		}
 		for _, k := range machines {
@@ -336,7 +344,14 @@ func (v *VMM) post(fn func(s *state)) {
 // commitLoop writes batches in group commits: every batch waiting when a
 // transaction starts goes into it.
 func (v *VMM) commitLoop() {
+	lastPrune := time.Now()
 	for b := range v.commits {
+		if time.Since(lastPrune) > time.Minute {
+			lastPrune = time.Now()
+			if err := v.store.Prune(v.cfg.KeepEvents, v.cfg.KeepEnded); err != nil {
+				v.log.Warn("prune the store", "err", err)
+			}
+		}
 		group := []batch{b}
 	more:
 		for len(group) < 256 {

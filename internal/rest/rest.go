@@ -19,6 +19,7 @@ import (
 	"path"
 	"reflect"
 	"strings"
+	"sync"
 
 	"dedi.dev/dedi/api"
 )
@@ -192,88 +193,151 @@ func DecodeBytes(body []byte, v any, optional bool) error {
 		return Errorf(Invalid, "", "body: trailing data after the JSON value")
 	}
 	// encoding/json matches field names without regard to case; the
-	// contract's names are exact, so "Command" is an unknown field.
-	var tree any
-	if err := json.Unmarshal(body, &tree); err == nil {
-		if path := inexactKey(tree, reflect.TypeOf(v)); path != "" {
-			return Errorf(Invalid, "", "body: unknown field %q (field names are case-sensitive)", path)
-		}
+	// contract's names are exact, so "Command" is an unknown field. The
+	// body is valid JSON by now: one scan over its bytes, guided by v's
+	// type, checks every object key (no second decode).
+	sc := keyScanner{b: body}
+	if path := sc.value(reflect.TypeOf(v)); path != "" {
+		return Errorf(Invalid, "", "body: unknown field %q (field names are case-sensitive)", path)
 	}
 	return nil
 }
 
-// inexactKey returns the first object key in tree that names no field of t
-// exactly, or "".
-func inexactKey(tree any, t reflect.Type) string {
-	for t.Kind() == reflect.Pointer {
+// fieldSets caches the exact JSON names of each struct type's fields.
+var fieldSets sync.Map // reflect.Type -> map[string]reflect.Type
+
+func fieldsOf(t reflect.Type) map[string]reflect.Type {
+	if f, ok := fieldSets.Load(t); ok {
+		return f.(map[string]reflect.Type)
+	}
+	fields := map[string]reflect.Type{}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		fields[name] = f.Type
+	}
+	fieldSets.Store(t, fields)
+	return fields
+}
+
+// keyScanner walks valid JSON and reports the first object key that names
+// no field of the struct it decodes into.
+type keyScanner struct {
+	b []byte
+	i int
+}
+
+func (s *keyScanner) ws() {
+	for s.i < len(s.b) && (s.b[s.i] == ' ' || s.b[s.i] == '\t' || s.b[s.i] == '\n' || s.b[s.i] == '\r') {
+		s.i++
+	}
+}
+
+// str reads a string at s.i (its opening quote) and returns it unescaped.
+func (s *keyScanner) str() string {
+	start := s.i
+	s.i++
+	escaped := false
+	for s.i < len(s.b) && s.b[s.i] != '"' {
+		if s.b[s.i] == '\\' {
+			escaped = true
+			s.i++
+		}
+		s.i++
+	}
+	s.i++
+	raw := s.b[start:min(s.i, len(s.b))]
+	if !escaped {
+		return string(raw[1 : len(raw)-1])
+	}
+	var out string
+	_ = json.Unmarshal(raw, &out)
+	return out
+}
+
+// value checks the value at s.i against t and returns the path of the
+// first inexact key in it, or "".
+func (s *keyScanner) value(t reflect.Type) string {
+	for t != nil && t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
-	switch t.Kind() {
-	case reflect.Struct:
-		obj, ok := tree.(map[string]any)
-		if !ok {
-			return ""
+	s.ws()
+	if s.i >= len(s.b) {
+		return ""
+	}
+	switch s.b[s.i] {
+	case '{':
+		s.i++
+		var fields map[string]reflect.Type
+		var elem reflect.Type
+		if t != nil {
+			switch t.Kind() {
+			case reflect.Struct:
+				fields = fieldsOf(t)
+			case reflect.Map:
+				elem = t.Elem()
+			}
 		}
-		fields := map[string]reflect.Type{}
-		for i := 0; i < t.NumField(); i++ {
-			f := t.Field(i)
-			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
-			if name == "-" || !f.IsExported() {
+		for {
+			s.ws()
+			if s.i >= len(s.b) || s.b[s.i] == '}' {
+				s.i++
+				return ""
+			}
+			if s.b[s.i] == ',' {
+				s.i++
 				continue
 			}
-			if name == "" {
-				name = f.Name
+			key := s.str()
+			s.ws()
+			s.i++ // ':'
+			sub := elem
+			if fields != nil {
+				ft, ok := fields[key]
+				if !ok {
+					return key
+				}
+				sub = ft
 			}
-			fields[name] = f.Type
-		}
-		for k, sub := range obj {
-			ft, ok := fields[k]
-			if !ok {
-				return k
-			}
-			if p := inexactKey(sub, ft); p != "" {
-				return k + "." + p
-			}
-		}
-	case reflect.Slice, reflect.Array:
-		arr, ok := tree.([]any)
-		if !ok {
-			return ""
-		}
-		for i, sub := range arr {
-			if p := inexactKey(sub, t.Elem()); p != "" {
-				return fmt.Sprintf("%d.%s", i, p)
+			if p := s.value(sub); p != "" {
+				return key + "." + p
 			}
 		}
-	case reflect.Map:
-		obj, ok := tree.(map[string]any)
-		if !ok {
-			return ""
+	case '[':
+		s.i++
+		var elem reflect.Type
+		if t != nil && (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) {
+			elem = t.Elem()
 		}
-		for k, sub := range obj {
-			if p := inexactKey(sub, t.Elem()); p != "" {
-				return k + "." + p
+		for n := 0; ; {
+			s.ws()
+			if s.i >= len(s.b) || s.b[s.i] == ']' {
+				s.i++
+				return ""
 			}
+			if s.b[s.i] == ',' {
+				s.i++
+				n++
+				continue
+			}
+			if p := s.value(elem); p != "" {
+				return fmt.Sprintf("%d.%s", n, p)
+			}
+		}
+	case '"':
+		s.str()
+	default: // number, true, false, null
+		for s.i < len(s.b) && !strings.ContainsRune(",}] \t\n\r", rune(s.b[s.i])) {
+			s.i++
 		}
 	}
 	return ""
-}
-
-func describeJSONError(err error) string {
-	var se *json.SyntaxError
-	var te *json.UnmarshalTypeError
-	switch {
-	case errors.As(err, &se):
-		return fmt.Sprintf("malformed JSON at byte %d: %v", se.Offset, err)
-	case errors.As(err, &te):
-		if te.Field != "" {
-			return fmt.Sprintf("field %q must be %s, not %s", te.Field, te.Type, te.Value)
-		}
-		return fmt.Sprintf("must be %s, not %s", te.Type, te.Value)
-	case errors.Is(err, io.ErrUnexpectedEOF):
-		return "truncated JSON"
-	}
-	return err.Error()
 }
 
 // BearerToken returns the token of an Authorization: Bearer header, or "".
@@ -348,4 +412,20 @@ func Problems(mux *http.ServeMux, log *slog.Logger) http.Handler {
 		}
 		mux.ServeHTTP(w, r)
 	})
+}
+func describeJSONError(err error) string {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return fmt.Sprintf("malformed JSON at byte %d: %v", se.Offset, err)
+	case errors.As(err, &te):
+		if te.Field != "" {
+			return fmt.Sprintf("field %q must be %s, not %s", te.Field, te.Type, te.Value)
+		}
+		return fmt.Sprintf("must be %s, not %s", te.Type, te.Value)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "truncated JSON"
+	}
+	return err.Error()
 }

@@ -110,8 +110,8 @@ func startLSPM(t testing.TB, o lspmOpts) *lspm {
 		args = append(args, "--", echoBin)
 	}
 	l := &lspm{t: t, token: machineToken, dataDir: o.dataDir, args: args}
+	t.Cleanup(func() { l.cleanup() }) // first: a start that fails still gets cleaned up
 	l.start()
-	t.Cleanup(func() { l.cleanup() })
 	return l
 }
 
@@ -172,6 +172,9 @@ func (l *lspm) stop() {
 
 // cleanup kills the LSPM and every process it left (shims and game groups).
 func (l *lspm) cleanup() {
+	if l.exited == nil { // never started
+		return
+	}
 	select {
 	case <-l.exited:
 	default:

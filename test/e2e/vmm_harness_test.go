@@ -68,8 +68,8 @@ func startVMM(t testing.TB, extra ...string) *vmmProc {
 		"--local-first-host", fmt.Sprint(first), "--local-last-host", fmt.Sprint(first + 9), "--local-port-base", fmt.Sprint(51000 + n*1000), "--log-level", "info"}
 	args = append(args, extra...)
 	v := &vmmProc{t: t, token: adminToken, dataDir: dir, args: args}
+	t.Cleanup(v.cleanup) // first: a start that fails still gets cleaned up
 	v.start()
-	t.Cleanup(v.cleanup)
 	return v
 }
 
@@ -125,6 +125,9 @@ func (v *vmmProc) kill9() {
 
 // cleanup kills the VMM and every machine and game it left.
 func (v *vmmProc) cleanup() {
+	if v.exited == nil { // never started
+		return
+	}
 	select {
 	case <-v.exited:
 	default:

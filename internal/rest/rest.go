@@ -181,16 +181,11 @@ func DecodeBytes(body []byte, v any, optional bool) error {
 		}
 		return Errorf(Invalid, "", "a JSON body is required")
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	// Unmarshal checks the whole body is one valid JSON value before it
+	// decodes (trailing data is a syntax error); unknown fields are caught
+	// by the key scan below, which knows the exact names.
+	if err := json.Unmarshal(body, v); err != nil {
 		return Errorf(Invalid, "", "body: %s", describeJSONError(err))
-	}
-	if dec.More() {
-		return Errorf(Invalid, "", "body: more than one JSON value")
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return Errorf(Invalid, "", "body: trailing data after the JSON value")
 	}
 	// encoding/json matches field names without regard to case; the
 	// contract's names are exact, so "Command" is an unknown field. The

@@ -95,7 +95,8 @@ type machineState struct {
 	token     string
 	tokenTH   string // its hash, compared with a caller's
 	lspmURL   string
-	reserved  int                 // slots held by placements in flight
+	reserved  int                 // slots held by placements in flight (len of pending)
+	pending   map[string]bool     // ids of the placements in flight
 	procs     map[string]struct{} // live processes placed here
 	idleAt    time.Time           // when it last became empty
 	bootBy    time.Time           // first report due by
@@ -294,6 +295,17 @@ func (s *state) created(id string, providerID, address, lspmURL string, err erro
 	}
 }
 
+// unreserve gives back the slot held for a placement, once: a report that
+// adopted the process first has already turned the slot into it.
+func (m *machineState) unreserve(id string) bool {
+	if !m.pending[id] {
+		return false
+	}
+	delete(m.pending, id)
+	m.reserved--
+	return true
+}
+
 // room is how many more processes the machine takes.
 func (s *state) room(m *machineState) int {
 	return m.m.MaxProcesses - len(m.procs) - m.reserved
@@ -374,6 +386,10 @@ func (s *state) place(req api.StartRequest, processID string) (placement, error)
 		}
 		target = s.newMachine(f)
 	}
+	if target.pending == nil {
+		target.pending = map[string]bool{}
+	}
+	target.pending[processID] = true
 	target.reserved++
 	target.idleAt = time.Time{}
 	return placement{processID: processID, machineID: target.m.ID, ready: target.ready}, nil
@@ -429,8 +445,7 @@ func (s *state) target(pl placement, start api.StartRequest) (spawnTarget, bool,
 
 // release gives a held slot back.
 func (s *state) release(pl placement) {
-	if m := s.machines[pl.machineID]; m != nil && m.reserved > 0 {
-		m.reserved--
+	if m := s.machines[pl.machineID]; m != nil && m.unreserve(pl.processID) {
 		if len(m.procs) == 0 && m.reserved == 0 {
 			m.idleAt = s.now()
 		}
@@ -440,8 +455,8 @@ func (s *state) release(pl placement) {
 // placed records a process the LSPM accepted, turning the slot into it.
 func (s *state) placed(pl placement, p api.Process) api.Process {
 	m := s.machines[pl.machineID]
-	if m != nil && m.reserved > 0 {
-		m.reserved--
+	if m != nil {
+		m.unreserve(pl.processID)
 	}
 	if old := s.processes[p.ID]; old != nil && old.State != api.StateStarting {
 		return *old // a report got here first
@@ -540,6 +555,7 @@ func (s *state) updateProcess(m *machineState, rp api.Process) {
 		cp := rp
 		cp.MachineID, cp.Fleet = m.m.ID, m.m.Fleet
 		p = &cp
+		m.unreserve(p.ID) // its placement's slot becomes the process
 		s.processes[p.ID] = p
 		if !api.IsTerminal(p.State) {
 			m.procs[p.ID] = struct{}{}

@@ -13,6 +13,7 @@ import (
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/local"
+	"dedi.dev/dedi/internal/provider/sim"
 	"dedi.dev/dedi/internal/vmm"
 )
 
@@ -23,6 +24,7 @@ type vmmFlags struct {
 	firstIP  int
 	lastIP   int
 	portBase int
+	simDir   string // --sim-provider-dir: the sim provider, for load tests
 }
 
 func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
@@ -35,6 +37,7 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.IntVar(&f.lastIP, "local-last-host", 250, "the local provider's last machine address is 127.0.0.N")
 	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
 	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
+	fs.StringVar(&f.simDir, "sim-provider-dir", "", "load tests only: add the simulated provider \"sim\" over DIR (test/loadgen)")
 }
 
 // build makes the VMM with its providers.
@@ -60,6 +63,9 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 		return nil, nil, nil, fmt.Errorf("local provider: %w", err)
 	}
 	f.cfg.Providers = map[string]provider.Provider{"local": loc}
+	if f.simDir != "" {
+		f.cfg.Providers["sim"] = sim.New(f.simDir)
+	}
 	v, err := vmm.New(f.cfg, log, nil)
 	if err != nil {
 		loc.Close()

@@ -17,7 +17,11 @@ runs=(
   "BenchmarkCrashDetection 30x"
   "BenchmarkLSPMMemory 1x"
   "BenchmarkHeartbeats 20000x"
+  "BenchmarkPlacementWarm 480x"
+  "BenchmarkColdStartLocal 20x"
 )
+# The status ingest (10,000 simulated LSPMs, about 2 minutes) runs alone:
+#   go test ./test/e2e -run '^$' -bench '^BenchmarkStatusIngest$' -benchtime 1x -count 1 -timeout 30m
 for r in "${runs[@]}"; do
   set -- $r
   [[ "$1" =~ $pattern ]] || continue

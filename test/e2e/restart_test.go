@@ -381,10 +381,16 @@ func TestLogsTailFollowAndCap(t *testing.T) {
 	p := l.spawn(t, fake("-log-lines", "2000", "-log-every", "20ms", "-exit-after", "1s"))
 	l.waitState(t, p.ID, 10*time.Second, api.StateReady)
 
-	code, raw := call(t, "GET", l.url+"/v1/processes/"+p.ID+"/logs?tail=3", l.token, nil, nil)
-	if lines := strings.Split(strings.TrimSpace(string(raw)), "\n"); code != 200 || len(lines) != 3 {
-		t.Fatalf("tail=3: %d %q", code, raw)
-	}
+	// The shim copies the game's output from its pipe a moment after the
+	// game wrote it: wait for it, never more than 3 lines.
+	eventually(t, 5*time.Second, "3 lines of tail", func() bool {
+		code, raw := call(t, "GET", l.url+"/v1/processes/"+p.ID+"/logs?tail=3", l.token, nil, nil)
+		lines := strings.Split(strings.TrimSpace(string(raw)), "\n")
+		if code != 200 || len(lines) > 3 {
+			t.Fatalf("tail=3: %d %q", code, raw)
+		}
+		return len(lines) == 3 && lines[0] != ""
+	})
 	// follow streams new lines as they are written and ends with the process.
 	req, _ := http.NewRequest("GET", l.url+"/v1/processes/"+p.ID+"/logs?tail=0&follow=true", nil)
 	req.Header.Set("Authorization", "Bearer "+l.token)

@@ -20,9 +20,7 @@ import (
 // Handler is the LSPM's REST API (API.md, LSPM part).
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		rest.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
-	})
+	mux.HandleFunc("GET /healthz", rest.Healthz)
 	mux.HandleFunc("GET /v1/status", a.machine(a.getStatus))
 	mux.HandleFunc("POST /v1/processes", a.machine(a.postProcess))
 	mux.HandleFunc("GET /v1/processes", a.machine(a.listProcesses))

@@ -424,3 +424,8 @@ func describeJSONError(err error) string {
 	}
 	return err.Error()
 }
+
+// Healthz answers GET /healthz, the one route without a token.
+func Healthz(w http.ResponseWriter, _ *http.Request) {
+	WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}

@@ -20,12 +20,25 @@ import (
 	"dedi.dev/dedi/internal/rest"
 )
 
+// answer runs fn on the loop, waits until its writes are committed, and
+// answers its result with status (or its error as a problem).
+func answer[T any](v *VMM, w http.ResponseWriter, status int, fn func(s *state) (T, error)) {
+	var out T
+	var err error
+	if derr := v.doWait(func(s *state) { out, err = fn(s) }); derr != nil {
+		err = derr
+	}
+	if err != nil {
+		rest.WriteError(w, err)
+		return
+	}
+	rest.WriteJSON(w, status, out)
+}
+
 // Handler is the VMM's REST API (API.md, VMM part).
 func (v *VMM) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		rest.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
-	})
+	mux.HandleFunc("GET /healthz", rest.Healthz)
 	mux.Handle("GET /metrics", v.admin(promhttp.HandlerFor(v.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP))
 	mux.HandleFunc("POST /v1/fleets", v.admin(v.postFleet))
 	mux.HandleFunc("GET /v1/fleets", v.admin(v.listFleets))
@@ -192,16 +205,7 @@ func (v *VMM) postFleet(w http.ResponseWriter, r *http.Request) {
 		rest.WriteError(w, err)
 		return
 	}
-	var out api.Fleet
-	var err error
-	if derr := v.doWait(func(s *state) { out, err = s.createFleet(f) }); derr != nil {
-		err = derr
-	}
-	if err != nil {
-		rest.WriteError(w, err)
-		return
-	}
-	rest.WriteJSON(w, http.StatusCreated, out)
+	answer(v, w, http.StatusCreated, func(s *state) (api.Fleet, error) { return s.createFleet(f) })
 }
 
 func (v *VMM) listFleets(w http.ResponseWriter, r *http.Request) {
@@ -217,31 +221,16 @@ func (v *VMM) listFleets(w http.ResponseWriter, r *http.Request) {
 
 func (v *VMM) getFleet(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	var out api.Fleet
-	found := false
-	_ = v.doWait(func(s *state) {
+	answer(v, w, http.StatusOK, func(s *state) (api.Fleet, error) {
 		if f := s.fleets[name]; f != nil {
-			out, found = s.fleetView(f), true
+			return s.fleetView(f), nil
 		}
+		return api.Fleet{}, rest.Errorf(rest.NotFound, "", "no fleet %q", name)
 	})
-	if !found {
-		rest.WriteError(w, rest.Errorf(rest.NotFound, "", "no fleet %q", name))
-		return
-	}
-	rest.WriteJSON(w, http.StatusOK, out)
 }
 
 func (v *VMM) deleteFleet(w http.ResponseWriter, r *http.Request) {
-	var out api.Fleet
-	var err error
-	if derr := v.doWait(func(s *state) { out, err = s.deleteFleet(r.PathValue("name")) }); derr != nil {
-		err = derr
-	}
-	if err != nil {
-		rest.WriteError(w, err)
-		return
-	}
-	rest.WriteJSON(w, http.StatusAccepted, out)
+	answer(v, w, http.StatusAccepted, func(s *state) (api.Fleet, error) { return s.deleteFleet(r.PathValue("name")) })
 }
 
 func (v *VMM) postMachine(w http.ResponseWriter, r *http.Request) {
@@ -254,15 +243,13 @@ func (v *VMM) postMachine(w http.ResponseWriter, r *http.Request) {
 		rest.WriteError(w, rest.Errorf(rest.Invalid, "", "fleet is required"))
 		return
 	}
-	var out api.Machine
-	var err error
-	if derr := v.doWait(func(s *state) {
+	answer(v, w, http.StatusAccepted, func(s *state) (api.Machine, error) {
 		f := s.fleets[req.Fleet]
 		switch {
 		case f == nil:
-			err = rest.Errorf(rest.NotFound, "", "no fleet %q", req.Fleet)
+			return api.Machine{}, rest.Errorf(rest.NotFound, "", "no fleet %q", req.Fleet)
 		case f.deleting:
-			err = rest.Errorf(rest.Conflict, "fleet_deleting", "fleet %q is being deleted", req.Fleet)
+			return api.Machine{}, rest.Errorf(rest.Conflict, "fleet_deleting", "fleet %q is being deleted", req.Fleet)
 		default:
 			n := 0
 			for _, m := range s.machines {
@@ -273,21 +260,13 @@ func (v *VMM) postMachine(w http.ResponseWriter, r *http.Request) {
 			if n >= f.spec.Scaling.MaxMachines {
 				e := rest.Errorf(rest.Unavailable, api.CodeNoCapacity, "fleet %q runs %d of %d machines", req.Fleet, n, f.spec.Scaling.MaxMachines)
 				e.RetryAfter = 2
-				err = e
-				return
+				return api.Machine{}, e
 			}
 			m := s.newMachine(f)
 			m.idleAt = s.now()
-			out = m.m
+			return m.m, nil
 		}
-	}); derr != nil {
-		err = derr
-	}
-	if err != nil {
-		rest.WriteError(w, err)
-		return
-	}
-	rest.WriteJSON(w, http.StatusAccepted, out)
+	})
 }
 
 var machineStates = map[string]bool{api.MachineProvisioning: true, api.MachineBooting: true, api.MachineReady: true,
@@ -310,32 +289,19 @@ func (v *VMM) listMachines(w http.ResponseWriter, r *http.Request) {
 
 func (v *VMM) getMachine(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	var out api.Machine
-	found := false
-	_ = v.doWait(func(s *state) {
-		if m := s.machines[id]; m != nil {
-			out, found = m.m, true
-			out.ProcessCount = len(m.procs)
+	answer(v, w, http.StatusOK, func(s *state) (api.Machine, error) {
+		m := s.machines[id]
+		if m == nil {
+			return api.Machine{}, rest.Errorf(rest.NotFound, "", "no machine %q", id)
 		}
+		out := m.m
+		out.ProcessCount = len(m.procs)
+		return out, nil
 	})
-	if !found {
-		rest.WriteError(w, rest.Errorf(rest.NotFound, "", "no machine %q", id))
-		return
-	}
-	rest.WriteJSON(w, http.StatusOK, out)
 }
 
 func (v *VMM) deleteMachine(w http.ResponseWriter, r *http.Request) {
-	var out api.Machine
-	var err error
-	if derr := v.doWait(func(s *state) { out, err = s.requestMachineRemoval(r.PathValue("id")) }); derr != nil {
-		err = derr
-	}
-	if err != nil {
-		rest.WriteError(w, err)
-		return
-	}
-	rest.WriteJSON(w, http.StatusAccepted, out)
+	answer(v, w, http.StatusAccepted, func(s *state) (api.Machine, error) { return s.requestMachineRemoval(r.PathValue("id")) })
 }
 
 // postStatus applies an LSPM status report: only that machine's token.

@@ -81,7 +81,9 @@ func TestExitWhileLSPMIsDownIsRecorded(t *testing.T) {
 	l.kill9()
 	waitDead(t, p.PID, 10*time.Second)
 	l.start()
-	end := l.get(t, p.ID)
+	// The game is dead; its shim may still be writing the exit record when
+	// the LSPM comes back, and is then watched until it has.
+	end := l.waitState(t, p.ID, 5*time.Second, api.StateCrashed)
 	if end.State != api.StateCrashed || end.Exit == nil || end.Exit.Signal != "SIGABRT" {
 		t.Fatalf("after restart: %s %+v", end.State, end.Exit)
 	}

@@ -31,6 +31,8 @@ Usage:
   dedi machine list|get|delete ...                 manage machines
   dedi process start|list|get|stop|logs ...        manage game server processes
   dedi events                                      follow the VMM's events
+  dedi image build --format qemu|docker --name NAME BUILD_DIR -- COMMAND [ARGS...]
+                                                   build a VM image of a game server build
   dedi example echo                                run the example UDP echo game server (needs the LSPM's environment)
   dedi version                                     print the version
 
@@ -57,6 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitCode(stderr, runUp(rest, stdout, stderr))
 	case "vmm":
 		return exitCode(stderr, runVMM(rest, stderr))
+	case "image":
+		return exitCode(stderr, runImage(rest, stdout, stderr))
 	case "fleet", "machine", "process", "events":
 		return runClient(cmd, rest, stdout, stderr)
 	case "example":

@@ -1,0 +1,591 @@
+package docker
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/moby/moby/client"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/image"
+	"dedi.dev/dedi/internal/provider"
+	"dedi.dev/dedi/internal/provider/providertest"
+)
+
+// These tests use the loopback addresses 127.0.2.1-127.0.2.41 and the
+// ports 20000-24099 (see testConfig), clear of the local provider's tests
+// and of test/e2e.
+
+var (
+	skipReason string // why no test can run: no Docker engine
+	imageRef   string // the echo example's image, built in TestMain
+	runID      string // makes instances and image names unique to this run
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(setup(m))
+}
+
+func setup(m *testing.M) int {
+	runID = randHex(4)
+	cli, err := image.NewDockerClient()
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err = cli.Ping(ctx, client.PingOptions{NegotiateAPIVersion: true})
+		cancel()
+	}
+	if err != nil {
+		skipReason = fmt.Sprintf("no Docker engine can run here: %v", err)
+		return m.Run()
+	}
+	defer cli.Close()
+	dir, err := os.MkdirTemp("", "dedi-docker-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	dedi, game := filepath.Join(dir, "dedi"), filepath.Join(dir, "game")
+	for _, b := range []struct{ out, pkg string }{{dedi, "dedi.dev/dedi/cmd/dedi"}, {filepath.Join(game, "echo"), "dedi.dev/dedi/examples/echo"}} {
+		cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", b.pkg, err, out)
+			return 1
+		}
+	}
+	name := "provider-test-" + runID
+	imageRef, err = image.Build(context.Background(), image.Options{Format: "docker", Name: name, BuildDir: game,
+		Command: []string{"echo"}, DediBinary: dedi, DediVersion: "test"})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "build image:", err)
+		return 1
+	}
+	code := m.Run()
+	// Whatever a failed test left: its containers, then the image.
+	ctx := context.Background()
+	if res, err := cli.ContainerList(ctx, client.ContainerListOptions{All: true,
+		Filters: make(client.Filters).Add("label", LabelInstance)}); err == nil {
+		for _, c := range res.Items {
+			if strings.HasSuffix(c.Labels[LabelInstance], "-"+runID) {
+				fmt.Fprintf(os.Stderr, "removing container %.12s left by a test\n", c.ID)
+				_, _ = cli.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true})
+			}
+		}
+	}
+	for _, ref := range []string{imageRef, image.DockerRepo(name) + ":latest"} {
+		_, _ = cli.ImageRemove(ctx, ref, client.ImageRemoveOptions{Force: true, PruneChildren: true})
+	}
+	return code
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func needDocker(t *testing.T) {
+	t.Helper()
+	if skipReason != "" {
+		t.Skip(skipReason)
+	}
+}
+
+// testConfig is a config of instance name (unique to this run) on slots
+// [first, first+n) of the test block 127.0.2.1-41, ports 20000 + 100*slot.
+func testConfig(t *testing.T, name string, first, n int) Config {
+	return Config{Instance: name + "-" + runID, FirstAddress: netip.AddrFrom4([4]byte{127, 0, 2, byte(1 + first)}),
+		Machines: n, PortBase: 20000 + 100*first, PortsPerMachine: 100, Logger: testLogger(t)}
+}
+
+func newDocker(t *testing.T, cfg Config) *Docker {
+	t.Helper()
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+// checkNoneLeft fails the test if the instance still has a container when
+// the test ends, and removes it.
+func checkNoneLeft(t *testing.T, cfg Config) {
+	t.Cleanup(func() {
+		d, err := New(cfg)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer d.Close()
+		ms, err := d.List(context.Background(), "")
+		if err != nil {
+			t.Error(err)
+		}
+		for _, m := range ms {
+			t.Errorf("machine %s (container %.12s) left behind; deleting it", m.MachineID, m.ProviderID)
+			_ = d.Delete(context.Background(), m.ProviderID)
+		}
+	})
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// fakeVMM answers LSPM status reports and counts them per machine.
+type fakeVMM struct {
+	*httptest.Server
+	mu      sync.Mutex
+	tokens  map[string]string // machine id -> token
+	reports map[string]int
+}
+
+func newFakeVMM(t *testing.T) *fakeVMM {
+	v := &fakeVMM{tokens: map[string]string{}, reports: map[string]int{}}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/machines/{id}/status", func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		var st api.Status
+		if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		v.mu.Lock()
+		ok := v.tokens[id] != "" && r.Header.Get("Authorization") == "Bearer "+v.tokens[id] && st.MachineID == id
+		if ok {
+			v.reports[id]++
+		}
+		v.mu.Unlock()
+		if !ok {
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"applied":true}`)
+	})
+	// The containers share the host's network: they reach 127.0.0.1.
+	v.Server = httptest.NewServer(mux)
+	t.Cleanup(v.Close)
+	return v
+}
+
+func (v *fakeVMM) reportsOf(id string) int {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.reports[id]
+}
+
+// spec is a machine of the echo image, with no command: the image's
+// default command runs.
+func (v *fakeVMM) spec(t *testing.T, machineID, fleet string) provider.Spec {
+	token := randHex(16)
+	v.mu.Lock()
+	v.tokens[machineID] = token
+	v.mu.Unlock()
+	return provider.Spec{MachineID: machineID, Fleet: fleet, Token: token, VMMURL: v.URL, Image: imageRef,
+		MaxProcesses: 2, ReportInterval: 200 * time.Millisecond}
+}
+
+func TestProviderContract(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfg := testConfig(t, "contract", 0, 20)
+	checkNoneLeft(t, cfg)
+	vmm := newFakeVMM(t)
+	providertest.Run(t, func(t *testing.T) provider.Provider { return newDocker(t, cfg) }, vmm.spec)
+}
+
+// TestMachineRunsOnlyTheImage: a machine runs the image's default command
+// as an unprivileged user, answers UDP through its own address, refuses an
+// executable the manifest does not name, keeps its token off every command
+// line, reports to the VMM; Delete leaves neither container nor game.
+func TestMachineRunsOnlyTheImage(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfg := testConfig(t, "image", 20, 5)
+	checkNoneLeft(t, cfg)
+	vmm := newFakeVMM(t)
+	d := newDocker(t, cfg)
+	sp := vmm.spec(t, "m-image", "f")
+	m, err := d.Create(t.Context(), sp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Address != "127.0.2.21" || m.LSPMURL != "http://127.0.2.21:7701" {
+		t.Errorf("machine on %s, LSPM %s; want slot 0 of the config: 127.0.2.21", m.Address, m.LSPMURL)
+	}
+	game := spawnReady(t, m, sp.Token, `{}`)
+	if game.Address != m.Address || game.Ports["game"] < 22000 || game.Ports["game"] > 22099 {
+		t.Errorf("game on %s:%v, want %s and a port of 22000-22099", game.Address, game.Ports, m.Address)
+	}
+	if got := udpEcho(t, game.Address, game.Ports["game"], "ping"); got != "ping" {
+		t.Errorf("echo answered %q", got)
+	}
+	waitFor(t, "a status report at the VMM", func() bool { return vmm.reportsOf(sp.MachineID) > 0 })
+
+	// Only the manifest's executables: dedi itself is in the image but
+	// not allowed.
+	code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{"command":["/dedi/dedi","example","echo"]}`, nil)
+	if code != http.StatusForbidden || !strings.Contains(string(body), api.CodeExecutableNotAllowed) {
+		t.Errorf("spawn of an executable outside the manifest: %d %s", code, body)
+	}
+
+	// The LSPM is the container's PID 1, unprivileged, token not in argv.
+	insp, err := d.cli.ContainerInspect(t.Context(), m.ProviderID, client.ContainerInspectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(strings.Join(insp.Container.Args, " "), sp.Token) {
+		t.Error("the machine token is on the container's command line")
+	}
+	lspmPID := insp.Container.State.Pid
+	for what, pid := range map[string]int{"LSPM": lspmPID, "game": hostPID(t, game.ID)} {
+		cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if bytes.Contains(cmdline, []byte(sp.Token)) {
+			t.Errorf("the machine token is on the %s's command line", what)
+		}
+		if uid := procUID(t, pid); uid != "10001" {
+			t.Errorf("%s runs as uid %s, want 10001", what, uid)
+		}
+	}
+	gamePID := hostPID(t, game.ID)
+
+	if err := d.Delete(t.Context(), m.ProviderID); err != nil {
+		t.Fatal(err)
+	}
+	for what, pid := range map[string]int{"LSPM": lspmPID, "game": gamePID} {
+		if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
+			t.Errorf("%s (host pid %d) still runs after Delete", what, pid)
+		}
+	}
+	if _, err := d.cli.ContainerInspect(t.Context(), m.ProviderID, client.ContainerInspectOptions{}); err == nil {
+		t.Error("container still there after Delete")
+	}
+}
+
+// TestDeleteAfterLSPMDied: a machine whose container stopped (its LSPM
+// killed) is still listed, as a VMM needs to find it, and Delete removes it.
+func TestDeleteAfterLSPMDied(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfg := testConfig(t, "died", 25, 5)
+	checkNoneLeft(t, cfg)
+	vmm := newFakeVMM(t)
+	d := newDocker(t, cfg)
+	m, err := d.Create(t.Context(), vmm.spec(t, "m-died", "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitHealthy(t, m)
+	if _, err := d.cli.ContainerKill(t.Context(), m.ProviderID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the container to stop", func() bool {
+		insp, err := d.cli.ContainerInspect(t.Context(), m.ProviderID, client.ContainerInspectOptions{})
+		return err == nil && !insp.Container.State.Running
+	})
+	ms, err := d.List(t.Context(), "f")
+	if err != nil || len(ms) != 1 || ms[0].ProviderID != m.ProviderID {
+		t.Fatalf("List after the LSPM died = %+v, %v; want the machine", ms, err)
+	}
+	if err := d.Delete(t.Context(), m.ProviderID); err != nil {
+		t.Fatal(err)
+	}
+	if ms, _ := d.List(t.Context(), ""); len(ms) != 0 {
+		t.Errorf("List after Delete = %+v", ms)
+	}
+}
+
+// TestInstancesApart: another instance on the same engine and addresses
+// neither lists nor deletes this one's machines, and takes another slot.
+func TestInstancesApart(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfgA, cfgB := testConfig(t, "apart-a", 30, 5), testConfig(t, "apart-b", 30, 5)
+	checkNoneLeft(t, cfgA)
+	checkNoneLeft(t, cfgB)
+	vmm := newFakeVMM(t)
+	a, b := newDocker(t, cfgA), newDocker(t, cfgB)
+	ma, err := a.Create(t.Context(), vmm.spec(t, "m-a", "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Delete(context.Background(), ma.ProviderID) })
+	mb, err := b.Create(t.Context(), vmm.spec(t, "m-b", "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Delete(context.Background(), mb.ProviderID) })
+	if ma.Address == mb.Address {
+		t.Errorf("both instances put a machine on %s", ma.Address)
+	}
+	if ms, _ := b.List(t.Context(), ""); len(ms) != 1 || ms[0].ProviderID != mb.ProviderID {
+		t.Errorf("instance b lists %+v, want only its own machine", ms)
+	}
+	if err := b.Delete(t.Context(), ma.ProviderID); err != nil {
+		t.Errorf("b.Delete of a's machine: %v, want nil", err)
+	}
+	if ms, _ := a.List(t.Context(), ""); len(ms) != 1 {
+		t.Errorf("a's machine gone after b deleted it: %+v", ms)
+	}
+	waitHealthy(t, ma)
+}
+
+func TestCreateErrors(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfg := testConfig(t, "errors", 40, 1)
+	checkNoneLeft(t, cfg)
+	vmm := newFakeVMM(t)
+	d := newDocker(t, cfg)
+	plain := plainImage(t, d.cli)
+	for name, c := range map[string]struct {
+		spec provider.Spec
+		want string
+	}{
+		"bad id":        {vmm.spec(t, "../x", "f"), "invalid machine id"},
+		"no token":      {provider.Spec{MachineID: "m-x", Fleet: "f", Image: imageRef}, "no token"},
+		"no image":      {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t"}, "no image"},
+		"unknown image": {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t", Image: "dedi-no-such-image-" + runID + ":1"}, "never pulls"},
+		"not dedi's":    {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t", Image: plain}, "not a dedi image"},
+	} {
+		_, err := d.Create(t.Context(), c.spec)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: Create: %v, want an error saying %q", name, err, c.want)
+		}
+	}
+	m, err := d.Create(t.Context(), vmm.spec(t, "m-one", "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Delete(context.Background(), m.ProviderID) })
+	if _, err := d.Create(t.Context(), vmm.spec(t, "m-one", "f")); err == nil || !strings.Contains(err.Error(), "exists") {
+		t.Errorf("Create of an existing machine id: %v", err)
+	}
+	if _, err := d.Create(t.Context(), vmm.spec(t, "m-two", "f")); !errors.Is(err, provider.ErrNoCapacity) {
+		t.Errorf("Create past the last slot: %v, want ErrNoCapacity", err)
+	}
+	// Delete of what is not a container of this instance leaves it alone.
+	for _, id := range []string{"", "m-one", strings.Repeat("0", 64)} {
+		if err := d.Delete(t.Context(), id); err != nil {
+			t.Errorf("Delete(%q): %v", id, err)
+		}
+	}
+}
+
+// plainImage builds an image that is not dedi's (no manifest label).
+func plainImage(t *testing.T, cli *client.Client) string {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	df := "FROM scratch\nCOPY x /x\n"
+	for name, body := range map[string]string{"Dockerfile": df, "x": "x"} {
+		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(body))})
+		tw.Write([]byte(body))
+	}
+	tw.Close()
+	ref := "dedi-test-plain-" + runID + ":1"
+	res, err := cli.ImageBuild(t.Context(), &buf, client.ImageBuildOptions{Tags: []string{ref}, Remove: true, Version: "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if bytes.Contains(out, []byte(`"errorDetail"`)) {
+		t.Fatalf("build plain image: %s", out)
+	}
+	t.Cleanup(func() {
+		_, _ = cli.ImageRemove(context.Background(), ref, client.ImageRemoveOptions{Force: true, PruneChildren: true})
+	})
+	return ref
+}
+
+func TestConfig(t *testing.T) {
+	c := Config{Instance: "x"}.withDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	for i, want := range map[int]struct {
+		addr   string
+		lo, hi int
+	}{0: {"127.0.1.1", 10000, 10099}, 1: {"127.0.1.2", 10100, 10199}, 99: {"127.0.1.100", 19900, 19999}, 300: {"127.0.2.45", 40000, 40099}} {
+		if a := c.address(i).String(); a != want.addr {
+			t.Errorf("address(%d) = %s, want %s", i, a, want.addr)
+		}
+		if lo, hi := c.ports(i); lo != want.lo || hi != want.hi {
+			t.Errorf("ports(%d) = %d-%d, want %d-%d", i, lo, hi, want.lo, want.hi)
+		}
+	}
+	for name, bad := range map[string]Config{
+		"no instance":    {},
+		"bad instance":   {Instance: "a b"},
+		"not loopback":   {Instance: "x", FirstAddress: netip.MustParseAddr("10.0.0.1")},
+		"ipv6":           {Instance: "x", FirstAddress: netip.MustParseAddr("::1")},
+		"past loopback":  {Instance: "x", FirstAddress: netip.MustParseAddr("127.255.255.250"), Machines: 10, PortsPerMachine: 1},
+		"ports past 64K": {Instance: "x", PortBase: 60000},
+		"lspm in range":  {Instance: "x", LSPMPort: 10050},
+		"machines":       {Instance: "x", Machines: -1},
+	} {
+		if err := bad.withDefaults().Validate(); err == nil {
+			t.Errorf("%s: Validate accepted %+v", name, bad)
+		}
+	}
+}
+
+// spawnReady starts a game server on the machine through its LSPM and
+// waits until it is ready.
+func spawnReady(t *testing.T, m provider.Machine, token, req string) api.Process {
+	t.Helper()
+	waitHealthy(t, m)
+	var p api.Process
+	if code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", token, req, &p); code != http.StatusCreated {
+		t.Fatalf("spawn: %d %s", code, body)
+	}
+	waitFor(t, "the game server to be ready", func() bool {
+		httpDo(t, http.MethodGet, m.LSPMURL+"/v1/processes/"+p.ID, token, "", &p)
+		return p.State == api.StateReady
+	})
+	return p
+}
+
+// hostPID finds a game server's pid on the host by the process id in its
+// environment (the pid the LSPM reports is the container's).
+func hostPID(t *testing.T, processID string) int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if bytes.Contains(env, []byte(api.EnvProcessID+"="+processID+"\x00")) {
+			return pid
+		}
+	}
+	t.Fatalf("no process on the host has %s=%s", api.EnvProcessID, processID)
+	return 0
+}
+
+func procUID(t *testing.T, pid int) string {
+	t.Helper()
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+			return strings.Fields(rest)[0]
+		}
+	}
+	t.Fatalf("no Uid in /proc/%d/status", pid)
+	return ""
+}
+
+func udpEcho(t *testing.T, addr string, port int, msg string) string {
+	t.Helper()
+	c, err := net.Dial("udp", net.JoinHostPort(addr, strconv.Itoa(port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 1500)
+	for i := 0; i < 20; i++ {
+		c.Write([]byte(msg))
+		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		if n, err := c.Read(buf); err == nil {
+			return string(buf[:n])
+		}
+	}
+	return ""
+}
+
+func waitHealthy(t *testing.T, m provider.Machine) {
+	t.Helper()
+	waitFor(t, "the LSPM to answer", func() bool {
+		resp, err := httpClient.Get(m.LSPMURL + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+var httpClient = &http.Client{Timeout: 5 * time.Second}
+
+// httpDo makes a request and decodes a 2xx JSON answer into out.
+func httpDo(t *testing.T, method, url, token, body string, out any) (int, []byte) {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, url, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode/100 == 2 && out != nil {
+		if err := json.Unmarshal(raw, out); err != nil {
+			t.Fatalf("%s %s: %v in %s", method, url, err, raw)
+		}
+	}
+	return resp.StatusCode, raw
+}

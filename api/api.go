@@ -132,6 +132,7 @@ type Process struct {
 	Command          []string          `json:"command"`
 	Params           map[string]any    `json:"params"`
 	Labels           map[string]string `json:"labels"`
+	Annotations      map[string]string `json:"annotations,omitempty"` // set through the Agones SDK
 	Address          string            `json:"address"`
 	Ports            map[string]int    `json:"ports"`
 	Players          int               `json:"players"`

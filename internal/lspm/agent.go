@@ -330,8 +330,21 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 	if reserveErr != nil {
 		return api.Process{}, reserveErr
 	}
+	// The Agones SDK ports are bound before the game starts, so they
+	// answer at once (the kernel queues early connections until serving
+	// starts with the commit below).
+	var agones *agonesListeners
+	if plan.agones != nil {
+		if agones, err = listenAgones(plan.agones); err != nil {
+			a.post(func(t *table) { t.abort(id) })
+			return api.Process{}, rest.Errorf(rest.Internal, "spawn_failed", "start the Agones SDK: %v", err)
+		}
+	}
 	l, err := a.launch(plan, req, exe, argv, token)
 	if err != nil {
+		if agones != nil {
+			agones.close()
+		}
 		_ = os.RemoveAll(plan.dir)
 		a.post(func(t *table) { t.abort(id) })
 		return api.Process{}, rest.Errorf(rest.Internal, "spawn_failed", "start %s: %v", argv[0], err)
@@ -342,7 +355,14 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		// Started from the loop, which stops before Run waits for its
 		// goroutines: no watcher can be added to a WaitGroup being waited.
 		a.watch(id, plan.dir, l.shimPID, l.shimStart, l)
+		if agones != nil {
+			a.serveAgones(t.live[id], agones)
+			agones = nil
+		}
 	}); err != nil {
+		if agones != nil {
+			agones.close()
+		}
 		// The LSPM stops: the game runs on; the next LSPM finds it by the
 		// shim's started.json and stops it, as nobody was told it runs.
 		return api.Process{}, err
@@ -387,6 +407,10 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 	)
 	for name, port := range plan.ports {
 		env = append(env, api.EnvPortPrefix+strings.ToUpper(name)+"="+strconv.Itoa(port))
+	}
+	if plan.agones != nil {
+		env = append(env, EnvAgonesHTTPPort+"="+strconv.Itoa(plan.agones.HTTPPort),
+			EnvAgonesGRPCPort+"="+strconv.Itoa(plan.agones.GRPCPort))
 	}
 	full := append([]string{exe}, argv[1:]...)
 	sh, err := a.shims.get()
@@ -470,6 +494,14 @@ func (a *Agent) adopt(p *proc) {
 	}
 	a.log.Info("re-adopted process", "process", id, "pid", l.pid, "state", p.view.State)
 	a.watch(id, dir, l.shimPID, l.shimStart, l)
+	if p.agones != nil {
+		// The game has the ports in its environment: serve them again.
+		if ls, err := listenAgones(p.agones); err != nil {
+			a.log.Error("serve the Agones SDK of a re-adopted process", "process", id, "err", err)
+		} else {
+			a.serveAgones(p, ls)
+		}
+	}
 	if p.stopReason != "" {
 		grace := a.cfg.Grace
 		if p.stopReason == api.ReasonMemoryLimit {

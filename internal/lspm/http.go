@@ -207,9 +207,7 @@ func validateSpawn(req *api.SpawnRequest) error {
 		return bad("command and env take %d bytes; at most %d", n, maxArgvBytes)
 	}
 	switch req.SDK {
-	case "", api.SDKDedi:
-	case api.SDKAgones:
-		return rest.Errorf(rest.Invalid, "unsupported", "sdk %q is not supported by this LSPM yet", req.SDK)
+	case "", api.SDKDedi, api.SDKAgones:
 	default:
 		return bad("sdk %q: want %q or %q", req.SDK, api.SDKDedi, api.SDKAgones)
 	}

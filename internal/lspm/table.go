@@ -70,19 +70,22 @@ type proc struct {
 	reportedIn  uint64     // seq of the first report that carried its end
 	bootID      string     // the kernel boot it was started in
 	done        chan struct{}
+
+	agones *agonesState // with "sdk": "agones" (agones.go), else nil
 }
 
 // record is a proc as persisted in DIR/record.json.
 type record struct {
-	Process     api.Process `json:"process"`
-	TokenHash   string      `json:"tokenHash"`
-	ShimPID     int         `json:"shimPid"`
-	ShimStart   uint64      `json:"shimStart"`
-	Start       uint64      `json:"start"`
-	StopReason  string      `json:"stopReason,omitempty"`
-	StopDetail  string      `json:"stopDetail,omitempty"`
-	AnnouncedAt *time.Time  `json:"announcedAt,omitempty"`
-	BootID      string      `json:"bootId,omitempty"` // the kernel boot the process ran in
+	Process     api.Process  `json:"process"`
+	TokenHash   string       `json:"tokenHash"`
+	ShimPID     int          `json:"shimPid"`
+	ShimStart   uint64       `json:"shimStart"`
+	Start       uint64       `json:"start"`
+	StopReason  string       `json:"stopReason,omitempty"`
+	StopDetail  string       `json:"stopDetail,omitempty"`
+	AnnouncedAt *time.Time   `json:"announcedAt,omitempty"`
+	BootID      string       `json:"bootId,omitempty"` // the kernel boot the process ran in
+	Agones      *agonesState `json:"agones,omitempty"`
 }
 
 const recordFile = "record.json"
@@ -90,12 +93,13 @@ const recordFile = "record.json"
 func (p *proc) record() record {
 	return record{Process: p.view, TokenHash: p.tokenHash, ShimPID: p.shimPID, ShimStart: p.shimStart,
 		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt,
-		BootID: p.bootID}
+		BootID: p.bootID, Agones: p.agones}
 }
 
 // persist queues the process record for the persister, which writes it off
 // the loop (records of one process reach the disk in order).
 func (t *table) persist(p *proc) {
+	t.agonesChanged(p)
 	if p.inflight || p.dir == "" {
 		return
 	}
@@ -141,7 +145,11 @@ func (t *table) load() ([]*proc, error) {
 		}
 		p := &proc{view: rec.Process, tokenHash: rec.TokenHash, dir: dir, shimPID: rec.ShimPID,
 			shimStart: rec.ShimStart, start: rec.Start, stopReason: rec.StopReason,
-			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, bootID: rec.BootID, done: make(chan struct{})}
+			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, bootID: rec.BootID, done: make(chan struct{}),
+			agones: rec.Agones}
+		if p.agones != nil {
+			p.agones.watch = make(chan struct{})
+		}
 		p.period, p.threshold, p.startTimeout = t.a.healthOf(p.view.Health)
 		if api.IsTerminal(p.view.State) {
 			close(p.done)
@@ -169,6 +177,9 @@ func (t *table) load() ([]*proc, error) {
 		t.byToken[p.tokenHash] = p.view.ID
 		for _, port := range p.view.Ports {
 			t.ports[port] = p.view.ID
+		}
+		if p.agones != nil {
+			t.ports[p.agones.HTTPPort], t.ports[p.agones.GRPCPort] = p.view.ID, p.view.ID
 		}
 		adopted = append(adopted, p)
 	}
@@ -210,7 +221,8 @@ type spawnPlan struct {
 	id     string
 	dir    string
 	ports  map[string]int
-	record []byte // the first record, for the shim to complete and write
+	record []byte       // the first record, for the shim to complete and write
+	agones *agonesState // a copy of the Agones SDK ports, or nil
 }
 
 // reserve admits a spawn: it is the single point where the handshake, the
@@ -240,6 +252,23 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		}
 		ports[name] = port
 	}
+	var agones *agonesState
+	if req.SDK == api.SDKAgones {
+		httpPort, ok1 := t.allocPort(id)
+		grpcPort, ok2 := t.allocPort(id)
+		if !ok1 || !ok2 {
+			for _, p := range ports {
+				delete(t.ports, p)
+			}
+			for _, p := range []int{httpPort, grpcPort} {
+				if p != 0 {
+					delete(t.ports, p)
+				}
+			}
+			return spawnPlan{}, rest.Errorf(rest.Conflict, api.CodeFull, "no free port left in %d-%d for the Agones SDK", t.a.cfg.PortMin, t.a.cfg.PortMax)
+		}
+		agones = newAgonesState(httpPort, grpcPort)
+	}
 	h := req.Health
 	if h == nil {
 		h = &api.Health{}
@@ -256,6 +285,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		inflight:  true,
 		bootID:    t.a.bootID,
 		done:      make(chan struct{}),
+		agones:    agones,
 	}
 	p.startClock = p.view.CreatedAt
 	if p.view.Params == nil {
@@ -277,7 +307,11 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 	t.live[id] = p
 	t.byToken[tokenHash] = id
 	t.changed()
-	return spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record())}, nil
+	plan := spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record())}
+	if agones != nil {
+		plan.agones = &agonesState{HTTPPort: agones.HTTPPort, GRPCPort: agones.GRPCPort}
+	}
+	return plan, nil
 }
 
 // allocPort hands out the next port of the range that no live process holds
@@ -341,6 +375,13 @@ func (t *table) release(p *proc) {
 			delete(t.ports, port)
 		}
 	}
+	if p.agones != nil {
+		for _, port := range []int{p.agones.HTTPPort, p.agones.GRPCPort} {
+			if t.ports[port] == p.view.ID {
+				delete(t.ports, port)
+			}
+		}
+	}
 	delete(t.byToken, p.tokenHash)
 }
 
@@ -370,7 +411,9 @@ func (t *table) end(id string, ex *exitRecord, tail []string, detail string) {
 			exit.Reason, p.view.State = api.ReasonUnhealthy, api.StateUnhealthy
 		case p.stopReason == api.ReasonMemoryLimit:
 			exit.Reason, p.view.State = api.ReasonMemoryLimit, api.StateCrashed
-		case clean:
+		case clean || p.agones != nil && p.agones.Shutdown && ex.Signal == "SIGTERM":
+			// After an Agones Shutdown, the SIGTERM that follows it
+			// (agonesTick) is the expected end.
 			exit.Reason, p.view.State = api.ReasonExited, api.StateExited
 		default:
 			p.view.State = api.StateCrashed
@@ -442,6 +485,7 @@ func (t *table) stop(p *proc, reason, detail string, grace time.Duration) {
 // the grace of processes that announced their end.
 func (t *table) checkHealth() {
 	now := t.now()
+	t.agonesTick(now)
 	for _, p := range t.live {
 		if p.inflight || p.stopReason != "" {
 			continue
@@ -544,6 +588,9 @@ func (t *table) heartbeat(p *proc, hb api.Heartbeat) {
 }
 
 func (t *table) allocate(p *proc) error {
+	if p.agones.reservedAt(t.now()) {
+		return rest.Errorf(rest.Conflict, "reserved", "process %s reserved itself through the Agones SDK", p.view.ID)
+	}
 	switch p.view.State {
 	case api.StateReady:
 		p.view.State = api.StateAllocated

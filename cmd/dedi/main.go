@@ -59,6 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitCode(stderr, runUp(rest, stdout, stderr))
 	case "vmm":
 		return exitCode(stderr, runVMM(rest, stderr))
+	case "init": // Internal: PID 1 of a qemu image's VM (see init.go).
+		return exitCode(stderr, runInit(rest, stderr))
 	case "image":
 		return exitCode(stderr, runImage(rest, stdout, stderr))
 	case "fleet", "machine", "process", "events":

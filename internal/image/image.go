@@ -67,6 +67,7 @@ type Options struct {
 	Ports       []string // named ports the game uses; nil: ["game"]
 	OutDir      string   // where file-based formats (qemu) keep images
 	DediBinary  string   // a static dedi to put in the image
+	Kernel      string   // qemu: the kernel (vmlinuz-VERSION, modules in /lib/modules/VERSION); "": the newest KernelGlob
 	DediVersion string
 	Log         *slog.Logger
 }

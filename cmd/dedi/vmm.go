@@ -1,10 +1,13 @@
 package main
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -12,6 +15,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/provider"
+	"dedi.dev/dedi/internal/provider/docker"
 	"dedi.dev/dedi/internal/provider/local"
 	"dedi.dev/dedi/internal/provider/sim"
 	"dedi.dev/dedi/internal/vmm"
@@ -25,6 +29,7 @@ type vmmFlags struct {
 	lastIP   int
 	portBase int
 	simDir   string // --sim-provider-dir: the sim provider, for load tests
+	docker   docker.Config
 }
 
 func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
@@ -37,6 +42,10 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.IntVar(&f.lastIP, "local-last-host", 250, "the local provider's last machine address is 127.0.0.N")
 	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
 	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
+	fs.TextVar(&f.docker.FirstAddress, "docker-first-address", netip.MustParseAddr("127.0.1.1"), "the docker provider's first machine address (its machines take the next ones)")
+	fs.IntVar(&f.docker.Machines, "docker-machines", 100, "the most machines the docker provider runs at once")
+	fs.IntVar(&f.docker.PortBase, "docker-port-base", 10000, "the docker provider's first game port (100 per machine)")
+	fs.StringVar(&f.docker.Instance, "docker-instance", "", "labels this VMM's containers apart from other VMMs' on the engine (default: from --data-dir)")
 	fs.StringVar(&f.simDir, "sim-provider-dir", "", "load tests only: add the simulated provider \"sim\" over DIR (test/loadgen)")
 }
 
@@ -63,6 +72,17 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 		return nil, nil, nil, fmt.Errorf("local provider: %w", err)
 	}
 	f.cfg.Providers = map[string]provider.Provider{"local": loc}
+	if f.docker.Instance == "" { // stable across restarts on one data dir
+		h := sha256.Sum256([]byte(dir))
+		f.docker.Instance = "vmm-" + hex.EncodeToString(h[:6])
+	}
+	f.docker.Logger = log
+	dk, err := docker.New(f.docker) // contacts no engine: a VMM runs without Docker
+	if err != nil {
+		loc.Close()
+		return nil, nil, nil, err
+	}
+	f.cfg.Providers["docker"] = dk
 	if f.simDir != "" {
 		f.cfg.Providers["sim"] = sim.New(f.simDir)
 	}

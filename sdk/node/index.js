@@ -47,7 +47,15 @@ export const ENV = Object.freeze({
   HEARTBEAT_MS: 'DEDI_HEARTBEAT_MS',
 });
 
-/** The process states of API.md that are final. */
+/**
+ * A process state of API.md.
+ * @typedef {'starting' | 'ready' | 'allocated' | 'exited' | 'crashed' | 'unhealthy' | 'killed' | 'lost'} ProcessState
+ */
+
+/**
+ * The process states of API.md that are final.
+ * @type {readonly ProcessState[]}
+ */
 export const TERMINAL_STATES = Object.freeze(['exited', 'crashed', 'unhealthy', 'killed', 'lost']);
 
 /**
@@ -56,7 +64,7 @@ export const TERMINAL_STATES = Object.freeze(['exited', 'crashed', 'unhealthy', 
  * @returns {boolean}
  */
 export function isTerminal(state) {
-  return TERMINAL_STATES.includes(state);
+  return /** @type {readonly string[]} */ (TERMINAL_STATES).includes(state);
 }
 
 // ---------------------------------------------------------------- types
@@ -215,6 +223,7 @@ export class AbortError extends DediError {
       cause: signal.reason,
     });
     this.name = 'AbortError';
+    /** @type {'ABORT_ERR'} */
     this.code = 'ABORT_ERR';
     /** @type {DediError | undefined} */
     this.lastError = lastError;
@@ -249,7 +258,7 @@ export function validateConfig(cfg) {
   if (cfg === null || typeof cfg !== 'object') {
     throw new ConfigError('config: not an object');
   }
-  const missing = ['processId', 'token', 'url'].filter((k) => typeof cfg[k] !== 'string' || cfg[k] === '');
+  const missing = /** @type {const} */ (['processId', 'token', 'url']).filter((k) => typeof cfg[k] !== 'string' || cfg[k] === '');
   if (missing.length > 0) {
     throw new ConfigError(`config: missing ${missing.join(', ')}`);
   }
@@ -262,7 +271,7 @@ export function validateConfig(cfg) {
   if (!u || (u.protocol !== 'http:' && u.protocol !== 'https:') || u.host === '') {
     throw new ConfigError(`config: url ${JSON.stringify(cfg.url)} is not an http(s) base URL`);
   }
-  for (const k of ['heartbeatMs', 'requestTimeoutMs']) {
+  for (const k of /** @type {const} */ (['heartbeatMs', 'requestTimeoutMs'])) {
     const v = cfg[k];
     if (v !== undefined && !(typeof v === 'number' && Number.isFinite(v) && v >= 0)) {
       throw new ConfigError(`config: ${k} must be a non-negative number of milliseconds`);

@@ -37,9 +37,10 @@ async function main() {
     console.error('conformance-driver: CONFORMANCE_CONTROL is not set');
     return 2;
   }
+  /** @type {import('../index.js').Logger} */
   const stderrLogger = {
-    info: (/** @type {string} */ msg, /** @type {object} */ fields) => console.error(msg, JSON.stringify(fields)),
-    warn: (/** @type {string} */ msg, /** @type {object} */ fields) => console.error(msg, JSON.stringify(fields)),
+    info: (msg, fields) => console.error(msg, JSON.stringify(fields)),
+    warn: (msg, fields) => console.error(msg, JSON.stringify(fields)),
   };
   let dedi;
   try {
@@ -67,7 +68,7 @@ async function main() {
   dedi.start(); // its failures go to stderr through the logger
   for (;;) {
     const c = await readControl(control);
-    if (c && Number.isSafeInteger(c.players) && c.players >= 0 && c.players !== players) {
+    if (c && typeof c.players === 'number' && Number.isSafeInteger(c.players) && c.players >= 0 && c.players !== players) {
       players = c.players;
       dedi.setPlayers(players);
     }

@@ -61,7 +61,7 @@ test('the conformance driver: ready, players, LSPM kill -9 and restart, players,
   assert.equal(end.state, 'exited', JSON.stringify(end.exit));
   assert.equal(end.exit.code, 0);
   const logs = await l.logs(p.id);
-  const milestones = logs.split('\n').filter((s) => s.startsWith('conformance: '));
+  const milestones = logs.split('\n').filter((/** @type {string} */ s) => s.startsWith('conformance: '));
   assert.deepEqual(milestones, ['conformance: ready', 'conformance: shutdown'], logs);
   // Its heartbeats failed while the LSPM was down, and it said so.
   assert.match(logs, /heartbeat failed/);

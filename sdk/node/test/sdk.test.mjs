@@ -88,7 +88,7 @@ test('ready, then heartbeats carry the player count to the LSPM', { timeout: 30_
   assert.equal(r.state, 'ready');
   assert.equal(client.state, 'ready');
   assert.equal((await l.get(p.id)).state, 'ready');
-  const readyAt = Date.parse(r.readyAt);
+  const readyAt = Date.parse(r.readyAt ?? '');
 
   client.setPlayers(3);
   client.start();

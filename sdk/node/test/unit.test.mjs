@@ -34,6 +34,7 @@ test('configFromEnv: what it reads and what it refuses', () => {
   assert.deepEqual(configFromEnv(base).params, {});
   assert.equal(configFromEnv(base).heartbeatMs, undefined);
 
+  /** @type {[Record<string, string>, RegExp][]} */
   const refused = [
     [{}, /missing environment variable DEDI_PROCESS_ID, DEDI_PROCESS_TOKEN, DEDI_SDK_URL/],
     [{ ...base, DEDI_PROCESS_TOKEN: '' }, /missing environment variable DEDI_PROCESS_TOKEN \(/],

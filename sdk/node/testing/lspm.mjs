@@ -243,7 +243,7 @@ export class LSPM {
 export async function startLSPM(t, opts) {
   const l = new LSPM(opts);
   t.after(async () => {
-    if (t.passed === false) {
+    if (/** @type {any} */ (t).passed === false) { // TestContext.passed: Node 20.20, not yet in @types/node 20
       t.diagnostic(`lspm log:\n${l.log()}`);
     }
     await l.cleanup();

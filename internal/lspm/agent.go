@@ -356,7 +356,7 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		// goroutines: no watcher can be added to a WaitGroup being waited.
 		a.watch(id, plan.dir, l.shimPID, l.shimStart, l)
 		if agones != nil {
-			a.serveAgones(t.live[id], agones)
+			a.serveAgones(t.live[id], agones, ownerOf(t.live[id]))
 			agones = nil
 		}
 	}); err != nil {
@@ -499,7 +499,7 @@ func (a *Agent) adopt(p *proc) {
 		if ls, err := listenAgones(p.agones); err != nil {
 			a.log.Error("serve the Agones SDK of a re-adopted process", "process", id, "err", err)
 		} else {
-			a.serveAgones(p, ls)
+			a.serveAgones(p, ls, ownerOf(p))
 		}
 	}
 	if p.stopReason != "" {

@@ -34,6 +34,7 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -559,8 +560,8 @@ func validateAgonesKey(key string) error {
 }
 
 func validatePlayerID(id string) error {
-	if id == "" || len(id) > maxAgonesPlayerID {
-		return status.Errorf(codes.InvalidArgument, "playerID must be 1-%d bytes", maxAgonesPlayerID)
+	if id == "" || len(id) > maxAgonesPlayerID || !utf8.ValidString(id) {
+		return status.Errorf(codes.InvalidArgument, "playerID must be 1-%d bytes of UTF-8", maxAgonesPlayerID)
 	}
 	for _, r := range id {
 		if r < 0x20 || r == 0x7f {
@@ -618,12 +619,17 @@ func listenAgones(s *agonesState) (*agonesListeners, error) {
 	return l, nil
 }
 
+// ownerOf is the game whose process tree may use p's Agones SDK: the game
+// server, its process group, and its shim's session.
+func ownerOf(p *proc) peerOwner {
+	return peerOwner{pid: p.view.PID, start: p.start, session: p.shimPID}
+}
+
 // serveAgones serves a process's Agones SDK on its bound listeners until
 // the process ends (done closes) or the LSPM stops. It must be called from
 // the loop, or from Run before it serves (goroutines join a.wg).
-func (a *Agent) serveAgones(p *proc, ls *agonesListeners) {
-	s := &agonesServer{a: a, id: p.view.ID, log: a.log.With("process", p.view.ID),
-		owner: peerOwner{pid: p.view.PID, start: p.start, session: p.shimPID}}
+func (a *Agent) serveAgones(p *proc, ls *agonesListeners, owner peerOwner) {
+	s := &agonesServer{a: a, id: p.view.ID, log: a.log.With("process", p.view.ID), owner: owner}
 	gs := s.grpcServer()
 	hs := s.httpServer()
 	for _, ln := range ls.grpc {

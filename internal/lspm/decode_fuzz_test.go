@@ -115,7 +115,7 @@ func FuzzSpawnRequest(f *testing.F) {
 				t.Fatalf("accepted health %+v", *h)
 			}
 		}
-		if req.SDK != "" && req.SDK != api.SDKDedi {
+		if req.SDK != "" && req.SDK != api.SDKDedi && req.SDK != api.SDKAgones {
 			t.Fatalf("accepted sdk %q", req.SDK)
 		}
 	})

@@ -1,0 +1,660 @@
+package lspm
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/agonespb"
+	"dedi.dev/dedi/internal/agonespb/alpha"
+	"dedi.dev/dedi/internal/clock"
+)
+
+// Unit tests of the Agones SDK run a real Agent (loop, REST and gRPC
+// servers) on a fake clock, with a `sleep` child as the game. The test
+// process itself plays the game's client: the servers are told that its
+// session owns them. Ports 46000-46099 are this file's.
+
+type agonesEnv struct {
+	a    *Agent
+	clk  *clock.Fake
+	id   string
+	game launched
+	http string // base URL of the REST gateway
+	grpc string // host:port of the gRPC service
+}
+
+// selfOwner names the test process as the game whose tree may connect.
+func selfOwner(t *testing.T) peerOwner {
+	t.Helper()
+	start, err := procStartTime(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sid, ok := groupOf(os.Getpid())
+	if !ok {
+		t.Fatal("read own session")
+	}
+	return peerOwner{pid: os.Getpid(), start: start, session: sid}
+}
+
+func startAgones(t *testing.T, owner func(game launched) peerOwner) *agonesEnv {
+	t.Helper()
+	clk := clock.NewFake(time.Now().UTC())
+	cfg := Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), MachineID: "m", Insecure: true,
+		PortMin: 46000, PortMax: 46099, ShimPath: "/bin/false", Grace: 5 * time.Second}
+	a, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{})
+	go func() { defer close(ran); _ = a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-ran })
+
+	e := &agonesEnv{a: a, clk: clk, id: "p-agones", game: sleeper(t)}
+	var plan spawnPlan
+	var rerr error
+	if err := a.do(func(tb *table) {
+		plan, rerr = tb.reserve(e.id, api.SpawnRequest{SDK: api.SDKAgones, Fleet: "demo"}, []string{"sleep"}, "hash", []string{"game"})
+	}); err != nil || rerr != nil {
+		t.Fatal(err, rerr)
+	}
+	if err := os.Mkdir(plan.dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ls, err := listenAgones(plan.agones)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.do(func(tb *table) {
+		tb.commit(e.id, e.game)
+		a.serveAgones(tb.live[e.id], ls, owner(e.game))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	e.http = "http://127.0.0.1:" + strconv.Itoa(plan.agones.HTTPPort)
+	e.grpc = "127.0.0.1:" + strconv.Itoa(plan.agones.GRPCPort)
+	return e
+}
+
+func (e *agonesEnv) view(t *testing.T) api.Process {
+	t.Helper()
+	p, err := e.a.find(e.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// rest makes a call as Agones' REST docs show it (curl -d ... -H
+// "Content-Type: application/json" -X METHOD URL) and returns the status
+// and the body.
+func (e *agonesEnv) rest(t *testing.T, method, path, body string) (int, string) {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, e.http+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(bytes.TrimSpace(b))
+}
+
+func (e *agonesEnv) restOK(t *testing.T, method, path, body, want string) {
+	t.Helper()
+	code, got := e.rest(t, method, path, body)
+	if code != http.StatusOK || (want != "" && got != want) {
+		t.Fatalf("%s %s %s: %d %s, want 200 %s", method, path, body, code, got, want)
+	}
+}
+
+// gatewayError checks an error body of the gateway's shape.
+func gatewayError(t *testing.T, code int, body string, wantHTTP int, wantCode codes.Code, wantIn string) {
+	t.Helper()
+	var e struct {
+		Code    int    `json:"code"`
+		Message string `json:"message"`
+		Details []any  `json:"details"`
+	}
+	if err := json.Unmarshal([]byte(body), &e); err != nil || e.Details == nil {
+		t.Fatalf("not a gateway error: %q", body)
+	}
+	if code != wantHTTP || codes.Code(e.Code) != wantCode || !strings.Contains(e.Message, wantIn) {
+		t.Fatalf("got %d %s, want %d code %d with %q", code, body, wantHTTP, wantCode, wantIn)
+	}
+}
+
+func (e *agonesEnv) gameServer(t *testing.T) map[string]any {
+	t.Helper()
+	code, body := e.rest(t, "GET", "/gameserver", "")
+	if code != 200 {
+		t.Fatalf("GET /gameserver: %d %s", code, body)
+	}
+	var gs map[string]any
+	if err := json.Unmarshal([]byte(body), &gs); err != nil {
+		t.Fatal(err)
+	}
+	return gs
+}
+
+func gsState(gs map[string]any) string {
+	st, _ := gs["status"].(map[string]any)
+	s, _ := st["state"].(string)
+	return s
+}
+
+func (e *agonesEnv) waitState(t *testing.T, want string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		gs := e.gameServer(t)
+		if gsState(gs) == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GameServer state %q, want %q", gsState(gs), want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestAgonesREST(t *testing.T) {
+	e := startAgones(t, func(launched) peerOwner { return selfOwner(t) })
+
+	gs := e.gameServer(t)
+	meta := gs["object_meta"].(map[string]any)
+	if meta["name"] != e.id || gsState(gs) != "Scheduled" || meta["creation_timestamp"] == "" {
+		t.Fatalf("gameserver before ready: %v", gs)
+	}
+	if labels := meta["labels"].(map[string]any); labels["agones.dev/fleet"] != "demo" {
+		t.Fatalf("labels: %v", labels)
+	}
+	ports := gs["status"].(map[string]any)["ports"].([]any)
+	if p := ports[0].(map[string]any); p["name"] != "game" || p["port"] != float64(e.view(t).Ports["game"]) {
+		t.Fatalf("ports: %v", ports)
+	}
+
+	e.restOK(t, "POST", "/ready", "{}", "{}")
+	if v := e.view(t); v.State != api.StateReady {
+		t.Fatalf("after ready: %s", v.State)
+	}
+	e.restOK(t, "POST", "/health", "{}", "{}")
+	e.restOK(t, "POST", "/health", "", "{}") // a body-less ping, as some clients send
+	if v := e.view(t); v.LastHeartbeatAt == nil {
+		t.Fatal("health is no heartbeat")
+	}
+	e.restOK(t, "PUT", "/metadata/label", `{"key": "foo", "value": "bar"}`, "{}")
+	e.restOK(t, "PUT", "/metadata/annotation", `{"key": "foo", "value": "any text: ok"}`, "{}")
+	// Unknown fields are ignored, as the gateway does.
+	e.restOK(t, "PUT", "/metadata/label", `{"key": "map", "value": "arena", "extra": 1}`, "{}")
+	v := e.view(t)
+	if v.Labels["agones.dev/sdk-foo"] != "bar" || v.Labels["agones.dev/sdk-map"] != "arena" ||
+		v.Annotations["agones.dev/sdk-foo"] != "any text: ok" {
+		t.Fatalf("labels %v annotations %v", v.Labels, v.Annotations)
+	}
+	gs = e.gameServer(t)
+	meta = gs["object_meta"].(map[string]any)
+	if meta["labels"].(map[string]any)["agones.dev/sdk-foo"] != "bar" || meta["annotations"].(map[string]any)["agones.dev/sdk-foo"] != "any text: ok" {
+		t.Fatalf("gameserver metadata: %v", meta)
+	}
+
+	// Player tracking (alpha), as in Agones' REST docs.
+	e.restOK(t, "POST", "/alpha/player/connect", `{"playerID": "uzh7i"}`, `{"bool":true}`)
+	e.restOK(t, "POST", "/alpha/player/connect", `{"playerID": "uzh7i"}`, `{"bool":false}`)
+	e.restOK(t, "POST", "/alpha/player/connect", `{"playerID": "3zh7i"}`, `{"bool":true}`)
+	e.restOK(t, "PUT", "/alpha/player/capacity", `{"count": 5}`, "{}")
+	e.restOK(t, "GET", "/alpha/player/capacity", `{}`, `{"count":"5"}`)
+	e.restOK(t, "GET", "/alpha/player/count", "", `{"count":"2"}`)
+	e.restOK(t, "GET", "/alpha/player/connected/uzh7i", "", `{"bool":true}`)
+	e.restOK(t, "GET", "/alpha/player/connected/nobody", "", `{"bool":false}`)
+	e.restOK(t, "GET", "/alpha/player/connected", "", `{"list":["uzh7i","3zh7i"]}`)
+	if v := e.view(t); v.Players != 2 {
+		t.Fatalf("players %d, want 2", v.Players)
+	}
+	e.restOK(t, "POST", "/alpha/player/disconnect", `{"playerID": "uzh7i"}`, `{"bool":true}`)
+	e.restOK(t, "POST", "/alpha/player/disconnect", `{"playerID": "uzh7i"}`, `{"bool":false}`)
+	if v := e.view(t); v.Players != 1 {
+		t.Fatalf("players %d, want 1", v.Players)
+	}
+	e.restOK(t, "PUT", "/alpha/player/capacity", `{"count": "1"}`, "{}")
+	code, body := e.rest(t, "POST", "/alpha/player/connect", `{"playerID": "late"}`)
+	gatewayError(t, code, body, 400, codes.FailedPrecondition, "capacity")
+
+	// Reserve: Reserved, refused by the machine's allocate, back to Ready
+	// when the time is up.
+	e.restOK(t, "POST", "/reserve", `{"seconds": "5"}`, "{}")
+	e.waitState(t, "Reserved")
+	var aerr error
+	_ = e.a.do(func(tb *table) { aerr = tb.allocate(tb.live[e.id]) })
+	if aerr == nil || !strings.Contains(aerr.Error(), "reserved") {
+		t.Fatalf("allocate of a reserved process: %v", aerr)
+	}
+	e.clk.Advance(6 * time.Second)
+	e.waitState(t, "Ready")
+
+	e.restOK(t, "POST", "/allocate", "{}", "{}")
+	if v := e.view(t); v.State != api.StateAllocated {
+		t.Fatalf("after allocate: %s", v.State)
+	}
+	e.waitState(t, "Allocated")
+	e.restOK(t, "POST", "/ready", "{}", "{}") // no way back in dedi: stays allocated
+	if v := e.view(t); v.State != api.StateAllocated {
+		t.Fatalf("ready after allocate: %s", v.State)
+	}
+
+	// Bad input: the gateway's errors; nothing changes.
+	for _, c := range []struct {
+		method, path, body string
+		http               int
+		code               codes.Code
+		in                 string
+	}{
+		{"PUT", "/metadata/label", `{"key": 1}`, 400, codes.InvalidArgument, "key"},
+		{"PUT", "/metadata/label", `{"key": "a b", "value": "x"}`, 400, codes.InvalidArgument, "key"},
+		{"PUT", "/metadata/label", `{"key": "ok", "value": "` + strings.Repeat("v", 64) + `"}`, 400, codes.InvalidArgument, "value"},
+		{"PUT", "/metadata/label", `{"key": "ok"`, 400, codes.InvalidArgument, ""},
+		{"POST", "/reserve", `{"seconds": "-1"}`, 400, codes.InvalidArgument, "seconds"},
+		{"POST", "/reserve", `{"seconds": "x"}`, 400, codes.InvalidArgument, ""},
+		{"POST", "/alpha/player/connect", `{"playerID": ""}`, 400, codes.InvalidArgument, "playerID"},
+		{"PUT", "/alpha/player/capacity", `{"count": -2}`, 400, codes.InvalidArgument, "count"},
+		{"GET", "/nope", "", 404, codes.NotFound, "Not Found"},
+		{"DELETE", "/ready", "", 501, codes.Unimplemented, "Method Not Allowed"},
+		{"GET", "/v1beta1/counters/rooms", "", 501, codes.Unimplemented, "agones.dev.sdk.beta.SDK/GetCounter"},
+		{"PATCH", "/v1beta1/counters/rooms", "{}", 501, codes.Unimplemented, "UpdateCounter"},
+		{"POST", "/v1beta1/lists/players:addValue", "{}", 501, codes.Unimplemented, "AddListValue"},
+		{"POST", "/v1alpha1/lists/players:removeValue", "{}", 501, codes.Unimplemented, "RemoveListValue"},
+		{"GET", "/v1beta1/lists/players", "", 501, codes.Unimplemented, "GetList"},
+	} {
+		code, body := e.rest(t, c.method, c.path, c.body)
+		gatewayError(t, code, body, c.http, c.code, c.in)
+	}
+	if v := e.view(t); len(v.Labels) != 2 || v.State != api.StateAllocated {
+		t.Fatalf("bad input changed the process: %+v", v)
+	}
+
+	// Shutdown: announced at once, SIGTERM to the game after a second.
+	e.restOK(t, "POST", "/shutdown", "{}", "{}")
+	e.waitState(t, "Shutdown")
+	e.clk.Advance(2 * agonesTermDelay)
+	ws := waitExit(t, e.game)
+	if !ws.Signaled() || ws.Signal() != syscall.SIGTERM {
+		t.Fatalf("game ended with %v, want SIGTERM", ws)
+	}
+}
+
+func TestAgonesWatchREST(t *testing.T) {
+	e := startAgones(t, func(launched) peerOwner { return selfOwner(t) })
+	resp, err := http.Get(e.http + "/watch/gameserver")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("watch: %s %s", resp.Status, resp.Header.Get("Content-Type"))
+	}
+	lines := bufio.NewScanner(resp.Body)
+	lines.Buffer(make([]byte, 1<<16), 1<<20)
+	next := func() map[string]any {
+		t.Helper()
+		if !lines.Scan() {
+			t.Fatalf("watch stream ended: %v", lines.Err())
+		}
+		var m struct {
+			Result map[string]any `json:"result"`
+		}
+		if err := json.Unmarshal(lines.Bytes(), &m); err != nil || m.Result == nil {
+			t.Fatalf("watch line %q: %v", lines.Text(), err)
+		}
+		return m.Result
+	}
+	if s := gsState(next()); s != "Scheduled" {
+		t.Fatalf("first watch state %q", s)
+	}
+	e.restOK(t, "POST", "/ready", "{}", "{}")
+	for gs := next(); gsState(gs) != "Ready"; gs = next() {
+	}
+	e.restOK(t, "PUT", "/metadata/label", `{"key": "watched", "value": "yes"}`, "{}")
+	for {
+		gs := next()
+		if gs["object_meta"].(map[string]any)["labels"].(map[string]any)["agones.dev/sdk-watched"] == "yes" {
+			break
+		}
+	}
+}
+
+func TestAgonesGRPC(t *testing.T) {
+	e := startAgones(t, func(launched) peerOwner { return selfOwner(t) })
+	conn, err := grpc.NewClient(e.grpc, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	sdk := agonespb.NewSDKClient(conn)
+	al := alpha.NewSDKClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	watch, err := sdk.WatchGameServer(ctx, &agonespb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := watch.Recv()
+	if err != nil || first.GetStatus().GetState() != "Scheduled" || first.GetObjectMeta().GetName() != e.id {
+		t.Fatalf("first watch: %v %v", first, err)
+	}
+	if _, err := sdk.Ready(ctx, &agonespb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	health, err := sdk.Health(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := health.Send(&agonespb.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := health.CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.view(t); v.State != api.StateReady || v.LastHeartbeatAt == nil {
+		t.Fatalf("after ready and health: %+v", v)
+	}
+	if _, err := sdk.SetLabel(ctx, &agonespb.KeyValue{Key: "mode", Value: "ranked"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sdk.SetAnnotation(ctx, &agonespb.KeyValue{Key: "note", Value: "hello world"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = sdk.SetLabel(ctx, &agonespb.KeyValue{Key: "bad key", Value: "x"})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("bad label: %v", err)
+	}
+	for {
+		gs, err := watch.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gs.GetObjectMeta().GetLabels()["agones.dev/sdk-mode"] == "ranked" &&
+			gs.GetObjectMeta().GetAnnotations()["agones.dev/sdk-note"] == "hello world" && gs.GetStatus().GetState() == "Ready" {
+			break
+		}
+	}
+	if ok, err := al.PlayerConnect(ctx, &alpha.PlayerID{PlayerID: "p1"}); err != nil || !ok.GetBool() {
+		t.Fatalf("player connect: %v %v", ok, err)
+	}
+	if n, err := al.GetPlayerCount(ctx, &alpha.Empty{}); err != nil || n.GetCount() != 1 {
+		t.Fatalf("player count: %v %v", n, err)
+	}
+	gs, err := sdk.GetGameServer(ctx, &agonespb.Empty{})
+	if err != nil || gs.GetStatus().GetPlayers().GetCount() != 1 || gs.GetStatus().GetPlayers().GetIds()[0] != "p1" {
+		t.Fatalf("get game server: %v %v", gs, err)
+	}
+	if _, err := sdk.Reserve(ctx, &agonespb.Duration{Seconds: 0}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitState(t, "Reserved")
+	if _, err := sdk.Allocate(ctx, &agonespb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.view(t); v.State != api.StateAllocated {
+		t.Fatalf("after allocate: %s", v.State)
+	}
+	// Counters and lists: Unimplemented, naming the call.
+	err = conn.Invoke(ctx, "/agones.dev.sdk.beta.SDK/GetCounter", &agonespb.Empty{}, &agonespb.Empty{})
+	if status.Code(err) != codes.Unimplemented || !strings.Contains(status.Convert(err).Message(), "agones.dev.sdk.beta.SDK/GetCounter") {
+		t.Fatalf("beta call: %v", err)
+	}
+	if _, err := sdk.Shutdown(ctx, &agonespb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		gs, err := watch.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gs.GetStatus().GetState() == "Shutdown" {
+			break
+		}
+	}
+}
+
+// TestAgonesPeerRefused: a client outside the game's process tree (here
+// the test process, while the game is a `sleep` that holds no socket) is
+// refused on both ports.
+func TestAgonesPeerRefused(t *testing.T) {
+	e := startAgones(t, func(g launched) peerOwner { return peerOwner{pid: g.pid, start: g.start, session: g.pid} })
+	code, body := e.rest(t, "POST", "/ready", "{}")
+	gatewayError(t, code, body, 403, codes.PermissionDenied, "process tree")
+	conn, err := grpc.NewClient(e.grpc, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = agonespb.NewSDKClient(conn).Ready(ctx, &agonespb.Empty{})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("grpc ready from outside: %v", err)
+	}
+	_, err = alpha.NewSDKClient(conn).PlayerConnect(ctx, &alpha.PlayerID{PlayerID: "x"})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("grpc alpha from outside: %v", err)
+	}
+	if v := e.view(t); v.State != api.StateStarting || v.Players != 0 {
+		t.Fatalf("a refused call changed the process: %+v", v)
+	}
+}
+
+// TestAgonesRecordReload: the ports and what the game set survive a
+// restart (the record), and the ports are freed when the process ends.
+func TestAgonesRecordReload(t *testing.T) {
+	tb, _ := newTestTable(t)
+	plan, err := tb.reserve("g", api.SpawnRequest{SDK: api.SDKAgones}, []string{"sleep"}, "h", []string{"game"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if plan.agones == nil || plan.agones.HTTPPort == plan.agones.GRPCPort || tb.ports[plan.agones.HTTPPort] != "g" {
+		t.Fatalf("agones ports: %+v", plan.agones)
+	}
+	if err := os.Mkdir(plan.dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	l := sleeper(t)
+	tb.commit("g", l)
+	p := tb.live["g"]
+	p.agones.Players = []string{"a", "b"}
+	p.agones.Capacity, p.agones.CapacitySet = 4, true
+	p.view.Players = 2
+	p.view.Annotations = map[string]string{"agones.dev/sdk-x": "y"}
+	tb.persist(p)
+	tb.a.persist.flush()
+
+	tb2 := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
+	adopted, err := tb2.load()
+	if err != nil || len(adopted) != 1 {
+		t.Fatalf("load: %v %d", err, len(adopted))
+	}
+	q := adopted[0]
+	if q.agones == nil || q.agones.HTTPPort != plan.agones.HTTPPort || q.agones.GRPCPort != plan.agones.GRPCPort ||
+		len(q.agones.Players) != 2 || q.agones.Capacity != 4 || q.view.Annotations["agones.dev/sdk-x"] != "y" {
+		t.Fatalf("reloaded: %+v %+v", q.agones, q.view)
+	}
+	if tb2.ports[plan.agones.HTTPPort] != "g" || tb2.ports[plan.agones.GRPCPort] != "g" {
+		t.Fatal("reloaded agones ports are not held")
+	}
+	code := 0
+	tb2.end("g", &exitRecord{Code: &code, At: time.Now()}, nil, "")
+	if _, held := tb2.ports[plan.agones.HTTPPort]; held {
+		t.Fatal("agones port still held after the end")
+	}
+}
+
+// TestAgonesShutdownSIGTERMIsClean: after an Agones Shutdown, a game that
+// dies of the SIGTERM dedi sends is recorded exited.
+func TestAgonesShutdownSIGTERMIsClean(t *testing.T) {
+	tb, _ := newTestTable(t)
+	if _, err := tb.reserve("g", api.SpawnRequest{SDK: api.SDKAgones}, []string{"sleep"}, "h", nil); err != nil {
+		t.Fatal(err)
+	}
+	tb.commit("g", sleeper(t))
+	p := tb.live["g"]
+	p.agones.Shutdown = true
+	tb.end("g", &exitRecord{Signal: "SIGTERM", At: time.Now()}, nil, "")
+	if p.view.State != api.StateExited || p.view.Exit.Reason != api.ReasonExited {
+		t.Fatalf("state %s reason %s", p.view.State, p.view.Exit.Reason)
+	}
+}
+
+func TestFindSocket(t *testing.T) {
+	table := []byte(`  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:9077 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1802766 1 00000000247db9b9 100 0 0 10 0
+   1: 0100007F:9077 0100007F:DA9E 01 00000000:00000000 00:00000000 00000000     0        0 1802768 1 00000000e3af38a3 20 0 0 10 -1
+   2: 0100007F:DA9E 0100007F:9077 01 00000000:00000000 00:00000000 00000000     0        0 1802767 2 00000000f32315a8 20 0 0 10 -1
+`)
+	client := netip.MustParseAddrPort("127.0.0.1:55966")
+	server := netip.MustParseAddrPort("127.0.0.1:36983")
+	if inode, ok := findSocket(table, client, server); !ok || inode != 1802767 {
+		t.Fatalf("client socket: %d %v", inode, ok)
+	}
+	if inode, ok := findSocket(table, server, client); !ok || inode != 1802768 {
+		t.Fatalf("server side: %d %v", inode, ok)
+	}
+	if _, ok := findSocket(table, client, netip.MustParseAddrPort("127.0.0.2:36983")); ok {
+		t.Fatal("matched another address")
+	}
+	tcp6 := []byte(`  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000001000000:A3B5 00000000000000000000000001000000:0BB8 01 00000000:00000000 00:00000000 00000000     0        0 4242 1
+   1: 0000000000000000FFFF00000100007F:A3B6 0000000000000000FFFF00000100007F:0BB8 01 00000000:00000000 00:00000000 00000000     0        0 4343 1
+`)
+	if inode, ok := findSocket(tcp6, netip.MustParseAddrPort("[::1]:41909"), netip.MustParseAddrPort("[::1]:3000")); !ok || inode != 4242 {
+		t.Fatalf("tcp6: %d %v", inode, ok)
+	}
+	if inode, ok := findSocket(tcp6, netip.MustParseAddrPort("127.0.0.1:41910"), netip.MustParseAddrPort("127.0.0.1:3000")); !ok || inode != 4343 {
+		t.Fatalf("tcp6 v4-mapped: %d %v", inode, ok)
+	}
+}
+
+// TestCheckPeerLive: on a real connection, the check finds the client's
+// socket among the fds of this process and of nobody in another session.
+func TestCheckPeerLive(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sc := <-accepted
+	if sc == nil {
+		t.Fatal("accept failed")
+	}
+	defer sc.Close()
+	if err := selfOwner(t).checkPeer(sc); err != nil {
+		t.Fatalf("own connection refused: %v", err)
+	}
+	g := sleeper(t)
+	if err := (peerOwner{pid: g.pid, start: g.start, session: g.pid}).checkPeer(sc); err == nil {
+		t.Fatal("a connection held by another process tree was accepted")
+	}
+}
+
+// FuzzAgonesREST: routing and decoding any request never panics; it
+// answers a gRPC status of the kinds the gateway gives, and what it
+// accepts passes the checks the operations make.
+func FuzzAgonesREST(f *testing.F) {
+	methods := []string{"GET", "POST", "PUT", "PATCH", "DELETE"}
+	for _, s := range []struct {
+		m          uint8
+		path, body string
+	}{
+		{1, "/ready", "{}"}, {1, "/health", ""}, {1, "/reserve", `{"seconds": "5"}`}, {1, "/reserve", `{"seconds": 5}`},
+		{2, "/metadata/label", `{"key": "foo", "value": "bar"}`}, {2, "/metadata/annotation", `{"key": "foo", "value": "bar"}`},
+		{1, "/alpha/player/connect", `{"playerID": "uzh7i"}`}, {2, "/alpha/player/capacity", `{"count": "5"}`},
+		{0, "/alpha/player/connected/uzh7i", ""}, {0, "/gameserver", ""}, {3, "/v1beta1/counters/x", "{}"},
+		{2, "/metadata/label", `{"key": "\u0000", "value": [1]}`}, {1, "/reserve", `{"seconds": "9223372036854775807"}`},
+	} {
+		f.Add(s.m, s.path, []byte(s.body))
+	}
+	f.Fuzz(func(t *testing.T, m uint8, path string, body []byte) {
+		method := methods[int(m)%len(methods)]
+		call, in, err := decodeAgonesRequest(method, path, body)
+		if err != nil {
+			st, ok := status.FromError(err)
+			if !ok {
+				t.Fatalf("not a status: %v", err)
+			}
+			switch st.Code() {
+			case codes.InvalidArgument, codes.NotFound, codes.Unimplemented:
+			default:
+				t.Fatalf("unexpected code %v: %v", st.Code(), err)
+			}
+			return
+		}
+		if call.run == nil {
+			t.Fatal("accepted a call without an operation")
+		}
+		switch v := in.(type) {
+		case *agonespb.KeyValue:
+			if validateAgonesKey(v.Key) != nil {
+				t.Fatalf("accepted key %q", v.Key)
+			}
+		case *agonespb.Duration:
+			if v.Seconds < 0 || v.Seconds > maxAgonesReserveSecs {
+				t.Fatalf("accepted seconds %d", v.Seconds)
+			}
+		case *alpha.PlayerID:
+			if validatePlayerID(v.PlayerID) != nil {
+				t.Fatalf("accepted player %q", v.PlayerID)
+			}
+		case *alpha.Count:
+			if v.Count < 0 || v.Count > maxAgonesCapacity {
+				t.Fatalf("accepted count %d", v.Count)
+			}
+		}
+		if in != nil {
+			if _, err := agonesMarshal.Marshal(in); err != nil {
+				t.Fatalf("accepted message does not marshal: %v", err)
+			}
+		}
+	})
+}

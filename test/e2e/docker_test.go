@@ -164,6 +164,22 @@ func TestDockerFleet(t *testing.T) {
 		t.Fatalf("containers of the instance %v, want the machine's %s", ids, ms[0].ProviderID)
 	}
 
+	// kill -9 of the VMM: the restarted one finds the container again
+	// through the provider (it keeps no state but the labels) and keeps
+	// the machine, whose game kept serving.
+	v.kill9()
+	v.start()
+	if got := udpEcho(t, p.Address, p.Ports["game"], "again"); got != "again" {
+		t.Fatalf("echo after the VMM restart = %q", got)
+	}
+	time.Sleep(time.Second) // the reconciliation with the provider's List, and reports
+	if again := v.machines(t, "dock"); len(again) != 1 || again[0].State != api.MachineReady || again[0].ProviderID != ms[0].ProviderID {
+		t.Fatalf("machines after the VMM restart %+v, want %s ready", again, ms[0].ID)
+	}
+	if got := v.process(t, p.ID); got.State != api.StateReady {
+		t.Fatalf("process after the VMM restart is %s", got.State)
+	}
+
 	// The game dies by a signal it cannot catch (Go turns a SIGSEGV into exit 2).
 	if err := syscall.Kill(hostPIDOf(t, p.ID), syscall.SIGKILL); err != nil {
 		t.Fatal(err)

@@ -33,11 +33,11 @@ func nodeBin(t testing.TB) string {
 	if err != nil {
 		t.Skip("node is not installed")
 	}
-	real, err := filepath.EvalSymlinks(p)
+	resolved, err := filepath.EvalSymlinks(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return real
+	return resolved
 }
 
 // repoRoot is the module's root: tests run in test/e2e.

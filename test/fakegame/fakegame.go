@@ -61,6 +61,7 @@ type options struct {
 	marker      string
 	noSDK       bool
 	players     int
+	driver      string // a scripted driver instead (drivers.go)
 }
 
 // signals are the values of -crash-signal.
@@ -90,6 +91,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.marker, "marker", "", `append "<pid> <unix nanos>" to this file first thing`)
 	fs.BoolVar(&o.noSDK, "no-sdk", false, "do not use the SDK at all (no LSPM needed); timers count from start")
 	fs.IntVar(&o.players, "players", 0, "player count carried by heartbeats")
+	fs.StringVar(&o.driver, "driver", "", "run a scripted driver instead: conformance, agones-rest-conformance or agones-rest-docs (drivers.go)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -135,6 +137,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintln(stderr, err)
 		return 2
+	}
+	if o.driver != "" {
+		return runDriver(o.driver, stdout, stderr)
 	}
 	if o.marker != "" {
 		if err := appendMarker(o.marker); err != nil {

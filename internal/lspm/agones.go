@@ -313,10 +313,16 @@ func (s *agonesServer) Shutdown() error {
 	})
 }
 
-// Health is one Agones health ping: a heartbeat.
+// Health is one Agones health ping: a heartbeat. Agones games commonly
+// ping from their start, before Ready, when dedi's start timeout rules and
+// a heartbeat means nothing: such pings are taken and ignored (dedi's own
+// SDKs heartbeat only once ready, so their heartbeat may stand in for a
+// ready the LSPM lost in a crash; an Agones ping must not).
 func (s *agonesServer) Health() error {
 	return s.do(func(t *table, p *proc) error {
-		t.heartbeat(p, api.Heartbeat{})
+		if p.view.State != api.StateStarting {
+			t.heartbeat(p, api.Heartbeat{})
+		}
 		return nil
 	})
 }

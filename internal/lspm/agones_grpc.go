@@ -31,6 +31,7 @@ var (
 func (s *agonesServer) grpcServer() *grpc.Server {
 	gs := grpc.NewServer(
 		grpc.Creds(peerCreds{check: s.owner.checkPeer}),
+		grpc.MaxConcurrentStreams(64),
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			if err := s.allowed(ctx); err != nil {
 				return nil, err

@@ -209,20 +209,30 @@ func TestAgonesREST(t *testing.T) {
 		t.Fatalf("ports: %v", ports)
 	}
 
+	// Pings before Ready (common in Agones games) change nothing, even on a
+	// process a restarted LSPM adopted.
+	_ = e.a.do(func(tb *table) { tb.live[e.id].adopted = true })
+	e.restOK(t, "POST", "/health", "{}", "{}")
+	if v := e.view(t); v.State != api.StateStarting {
+		t.Fatalf("a ping before ready made the process %s", v.State)
+	}
 	e.restOK(t, "POST", "/ready", "{}", "{}")
-	if v := e.view(t); v.State != api.StateReady {
+	v := e.view(t)
+	if v.State != api.StateReady {
 		t.Fatalf("after ready: %s", v.State)
 	}
+	e.clk.Advance(time.Second)
 	e.restOK(t, "POST", "/health", "{}", "{}")
+	e.clk.Advance(time.Second)
 	e.restOK(t, "POST", "/health", "", "{}") // a body-less ping, as some clients send
-	if v := e.view(t); v.LastHeartbeatAt == nil {
-		t.Fatal("health is no heartbeat")
+	if w := e.view(t); w.LastHeartbeatAt == nil || w.LastHeartbeatAt.Sub(*v.LastHeartbeatAt) != 2*time.Second {
+		t.Fatalf("health pings are no heartbeats: %v then %v", v.LastHeartbeatAt, w.LastHeartbeatAt)
 	}
 	e.restOK(t, "PUT", "/metadata/label", `{"key": "foo", "value": "bar"}`, "{}")
 	e.restOK(t, "PUT", "/metadata/annotation", `{"key": "foo", "value": "any text: ok"}`, "{}")
 	// Unknown fields are ignored, as the gateway does.
 	e.restOK(t, "PUT", "/metadata/label", `{"key": "map", "value": "arena", "extra": 1}`, "{}")
-	v := e.view(t)
+	v = e.view(t)
 	if v.Labels["agones.dev/sdk-foo"] != "bar" || v.Labels["agones.dev/sdk-map"] != "arena" ||
 		v.Annotations["agones.dev/sdk-foo"] != "any text: ok" {
 		t.Fatalf("labels %v annotations %v", v.Labels, v.Annotations)

@@ -36,6 +36,8 @@ type state struct {
 	waiters   map[string][]chan api.Process // ?wait=ready requests by process
 	byToken   map[string]string             // machine token hash -> machine id
 	asking    map[string]bool               // processes being asked for at their LSPM
+	sums      map[string]uint64             // live process -> hash of its fixed members as last reported (see report)
+	seen      map[string]struct{}           // applyReport's scratch set, kept to spare an allocation per report
 	procOrder int64                         // insertion order of process rows
 	// lostFrom holds lost detection back after a start, until the LSPMs
 	// have had LostAfter to reach the new VMM.
@@ -59,6 +61,7 @@ func (s *state) pruneEnded() {
 	sort.Slice(ended, func(i, j int) bool { return endedAt(ended[i]).Before(endedAt(ended[j])) })
 	for _, p := range ended[:extra] {
 		delete(s.processes, p.ID)
+		delete(s.sums, p.ID)
 	}
 }
 
@@ -103,6 +106,7 @@ type machineState struct {
 	busy      bool                // a provider call or handshake is in flight
 	retryAt   time.Time           // when a failed provider delete is tried again
 	removing  bool                // deletion asked (DELETE or fleet deletion)
+	fromStore bool                // recorded by an earlier run (reconcile judges it)
 	createErr string              // why the provider could not create it
 	ready     chan struct{}       // closed when it leaves provisioning/booting
 }
@@ -484,8 +488,9 @@ func (s *state) placed(pl placement, p api.Process) api.Process {
 
 // applyReport applies an LSPM report in seq order; it returns whether it
 // was applied and the live processes the VMM expected but the report did
-// not mention (the caller asks the LSPM about them).
-func (s *state) applyReport(id string, st api.Status) (bool, []string, error) {
+// not mention (the caller asks the LSPM about them). A report whose
+// processes do not decode changes nothing.
+func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 	m := s.machines[id]
 	if m == nil {
 		return false, nil, rest.Errorf(rest.NotFound, "", "no machine %q", id)
@@ -495,12 +500,31 @@ func (s *state) applyReport(id string, st api.Status) (bool, []string, error) {
 		// stays lost (its processes were ended and its deletion begun).
 		return false, nil, nil
 	}
+	// The fixed members of processes new to the VMM, or changed, are
+	// decoded first, so that a bad one rejects the report whole.
+	var fixed map[int]fixedFields
+	for i := range st.Processes {
+		lp := &st.Processes[i]
+		if sum, ok := s.sums[lp.ID]; ok && sum == lp.sum && s.processes[lp.ID] != nil {
+			continue
+		}
+		f, err := lp.decodeFixed()
+		if err != nil {
+			return false, nil, rest.Errorf(rest.Invalid, "", "body: %v", err)
+		}
+		if fixed == nil {
+			fixed = map[int]fixedFields{}
+		}
+		fixed[i] = f
+	}
 	now := s.now()
 	m.m.Seq = st.Seq
 	m.m.LastReportAt = &now
 	dirty := m.m.Hardware == nil || *m.m.Hardware != st.Hardware
-	hw := st.Hardware
-	m.m.Hardware = &hw
+	if dirty {
+		hw := st.Hardware
+		m.m.Hardware = &hw
+	}
 	load := st.State
 	if load == api.LoadShuttingDown { // API.md's load is empty, partial or full
 		load = api.LoadEmpty
@@ -519,18 +543,27 @@ func (s *state) applyReport(id string, st api.Status) (bool, []string, error) {
 			s.setMachineState(m, api.MachineReady, "")
 		}
 	}
-	seen := map[string]bool{}
-	for _, rp := range st.Processes {
-		seen[rp.ID] = true
-		s.updateProcess(m, rp)
+	seen := s.seen
+	clear(seen)
+	for i := range st.Processes {
+		lp := &st.Processes[i]
+		seen[lp.ID] = struct{}{}
+		if f, ok := fixed[i]; ok {
+			s.updateProcess(m, lp.process(f))
+			if p := s.processes[lp.ID]; p != nil && !api.IsTerminal(p.State) {
+				s.sums[lp.ID] = lp.sum
+			}
+			continue
+		}
+		s.moveProcess(m, lp)
 	}
 	for _, rp := range st.Ended {
-		seen[rp.ID] = true
+		seen[rp.ID] = struct{}{}
 		s.updateProcess(m, rp)
 	}
 	var missing []string
 	for pid := range m.procs {
-		if !seen[pid] && !s.asking[pid] {
+		if _, ok := seen[pid]; !ok && !s.asking[pid] {
 			s.asking[pid] = true
 			missing = append(missing, pid)
 		}
@@ -546,7 +579,40 @@ func (s *state) applyReport(id string, st api.Status) (bool, []string, error) {
 	return true, missing, nil
 }
 
-// updateProcess applies what an LSPM says of one process.
+// moveProcess applies the moving fields of a live process whose fixed
+// members are as the VMM last saw them: the steady path of a report.
+func (s *state) moveProcess(m *machineState, lp *liveProcess) {
+	p := s.processes[lp.ID]
+	if api.IsTerminal(p.State) && p.State != api.StateLost {
+		return // final; a late report cannot undo an end
+	}
+	changed := p.State != lp.State
+	if p.State == api.StateLost {
+		// The machine came back before it was given up: the process lives.
+		p.EndedAt, p.Exit = nil, nil
+	}
+	p.State, p.PID, p.Players, p.Instances, p.RSSBytes = lp.State, lp.PID, lp.Players, lp.Instances, lp.RSSBytes
+	p.MachineID = m.m.ID
+	// Copies handed out share these pointers: a moved time gets a new one.
+	if !lp.ReadyAt.IsZero() && (p.ReadyAt == nil || !p.ReadyAt.Equal(lp.ReadyAt)) {
+		t := lp.ReadyAt
+		p.ReadyAt = &t
+	}
+	if !lp.LastHeartbeatAt.IsZero() && (p.LastHeartbeatAt == nil || !p.LastHeartbeatAt.Equal(lp.LastHeartbeatAt)) {
+		t := lp.LastHeartbeatAt
+		p.LastHeartbeatAt = &t
+	}
+	m.procs[p.ID] = struct{}{}
+	if changed {
+		s.saveProcess(p)
+		s.event("process."+p.State, p.Fleet, m.m.ID, p.ID, p.State, "")
+		s.wakeReady(p)
+	}
+	// A changed player count is kept in memory only: it comes back with the
+	// next report, and writing it would cost a row per heartbeat.
+}
+
+// updateProcess applies what an LSPM says of one process, whole.
 func (s *state) updateProcess(m *machineState, rp api.Process) {
 	p := s.processes[rp.ID]
 	if p == nil {
@@ -569,11 +635,13 @@ func (s *state) updateProcess(m *machineState, rp api.Process) {
 		return // final; a late report cannot undo an end
 	}
 	changed := p.State != rp.State
+	fixedChanged := !changed && !sameFixed(p, &rp)
 	keepFleet := p.Fleet
 	*p = rp
 	p.MachineID, p.Fleet = m.m.ID, keepFleet
 	if api.IsTerminal(p.State) {
 		delete(m.procs, p.ID)
+		delete(s.sums, p.ID)
 		if len(m.procs) == 0 && m.reserved == 0 {
 			m.idleAt = s.now()
 		}
@@ -591,9 +659,28 @@ func (s *state) updateProcess(m *machineState, rp api.Process) {
 		s.saveProcess(p)
 		s.event("process."+p.State, p.Fleet, m.m.ID, p.ID, p.State, detail)
 		s.wakeReady(p)
+	} else if fixedChanged {
+		s.saveProcess(p) // labels set by the game (Agones' SetLabel), for one
 	}
-	// A changed player count is kept in memory only: it comes back with the
-	// next report, and writing it would cost a row per heartbeat.
+}
+
+// sameFixed reports whether two versions of a process agree on what a
+// restarted VMM must know of it beyond its state.
+func sameFixed(a, b *api.Process) bool {
+	return mapsEqual(a.Labels, b.Labels) && a.Address == b.Address && mapsEqual(a.Ports, b.Ports) &&
+		a.PID == b.PID && a.SDK == b.SDK
+}
+
+func mapsEqual[V comparable](a, b map[string]V) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
 }
 
 // markProcessLost ends a process whose machine went silent.

@@ -117,7 +117,7 @@ func (v *VMM) load() (*state, error) {
 	}
 	s := &state{v: v, fleets: map[string]*fleetState{}, machines: map[string]*machineState{},
 		processes: map[string]*api.Process{}, eventSeq: snap.LastEventSeq, waiters: map[string][]chan api.Process{},
-		byToken: map[string]string{}, asking: map[string]bool{}, procOrder: snap.LastProcessOrder,
+		byToken: map[string]string{}, asking: map[string]bool{}, sums: map[string]uint64{}, seen: map[string]struct{}{}, procOrder: snap.LastProcessOrder,
 		lostFrom: v.clock.Now().UTC().Add(v.cfg.LostAfter)}
 	for _, r := range snap.Fleets {
 		var f api.Fleet
@@ -132,7 +132,7 @@ func (v *VMM) load() (*state, error) {
 		if err := json.Unmarshal(r.Body, &sm); err != nil {
 			return nil, fmt.Errorf("machine %s: %w", r.Key, err)
 		}
-		m := &machineState{m: sm.Machine, token: sm.Token, lspmURL: sm.LSPMURL, removing: sm.Removing,
+		m := &machineState{fromStore: true, m: sm.Machine, token: sm.Token, lspmURL: sm.LSPMURL, removing: sm.Removing,
 			procs: map[string]struct{}{}, ready: make(chan struct{}), bootBy: now.Add(v.cfg.BootTimeout)}
 		if m.m.State != api.MachineProvisioning && m.m.State != api.MachineBooting {
 			close(m.ready)
@@ -212,23 +212,22 @@ func (v *VMM) Run(ctx context.Context) error {
 // reconcile matches the stored machines with what the providers hold: a
 // machine the providers have that no record names (an earlier run died
 // between create and record) is deleted; a recorded machine still being
-// provisioned is found again or given up.
+// provisioned is found again or given up; a recorded machine the provider
+// no longer has is lost.
+//
+// It runs while the VMM already serves, so machines are created while it
+// lists: only machines recorded before this run are judged, and each
+// decision is checked again on the loop against the machine as it is then.
 func (v *VMM) reconcile(ctx context.Context) {
 	type known struct{ id, state, provider string }
 	var machines []known
-	fleets := map[string]bool{}
 	_ = v.doWait(func(s *state) {
 		for _, m := range s.machines {
-			machines = append(machines, known{m.m.ID, m.m.State, m.m.Provider})
-		}
-		for name := range s.fleets {
-			fleets[name] = true
+			if m.fromStore {
+				machines = append(machines, known{m.m.ID, m.m.State, m.m.Provider})
+			}
 		}
 	})
-	recorded := map[string]known{}
-	for _, m := range machines {
-		recorded[m.id] = m
-	}
 	for name, p := range v.cfg.Providers {
 		lctx, cancel := context.WithTimeout(ctx, time.Minute)
 		list, err := p.List(lctx, "")
@@ -240,8 +239,12 @@ func (v *VMM) reconcile(ctx context.Context) {
 		found := map[string]provider.Machine{}
 		for _, pm := range list {
 			found[pm.MachineID] = pm
-			k, ok := recorded[pm.MachineID]
-			if !ok || k.state == api.MachineTerminated {
+			var ours bool
+			_ = v.doWait(func(s *state) {
+				m := s.machines[pm.MachineID]
+				ours = m != nil && m.m.State != api.MachineTerminated
+			})
+			if !ours {
 				v.log.Warn("deleting a machine no record names", "provider", name, "machine", pm.MachineID, "fleet", pm.Fleet)
 				dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 				_ = p.Delete(dctx, pm.ProviderID)
@@ -252,22 +255,24 @@ func (v *VMM) reconcile(ctx context.Context) {
 			if k.provider != name {
 				continue
 			}
-			id := k.id
+			id, was := k.id, k.state
 			pm, ok := found[id]
-			switch {
-			case k.state == api.MachineProvisioning && ok:
-				v.post(func(s *state) { s.created(id, pm.ProviderID, pm.Address, pm.LSPMURL, nil) })
-			case k.state == api.MachineProvisioning:
-				v.post(func(s *state) { s.created(id, "", "", "", errors.New("lost during a VMM restart")) })
-			case !ok && k.state != api.MachineTerminated && k.state != api.MachineLost:
-				// Gone while no VMM ran (deleted by hand, host rebooted).
-				v.post(func(s *state) {
-					if m := s.machines[id]; m != nil {
-						s.machineLost(m, "its provider no longer has it")
-						m.m.ProviderID = ""
-					}
-				})
-			}
+			v.post(func(s *state) {
+				m := s.machines[id]
+				if m == nil || m.m.State != was {
+					return // moved on since the list was taken: its own path judges it
+				}
+				switch {
+				case was == api.MachineProvisioning && ok:
+					s.created(id, pm.ProviderID, pm.Address, pm.LSPMURL, nil)
+				case was == api.MachineProvisioning:
+					s.created(id, "", "", "", errors.New("lost during a VMM restart"))
+				case !ok && was != api.MachineTerminated && was != api.MachineLost:
+					// Gone while no VMM ran (deleted by hand, host rebooted).
+					s.machineLost(m, "its provider no longer has it")
+					m.m.ProviderID = ""
+				}
+			})
 		}
 	}
 }

@@ -162,14 +162,43 @@ func WriteError(w http.ResponseWriter, err error) {
 // enforced (curl -d sends a form type); the body itself must be JSON. An empty body is allowed
 // only when optional is true (v is then left as it is).
 func DecodeJSON(r *http.Request, v any, optional bool) error {
-	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBody+1))
+	body, err := ReadBody(r)
 	if err != nil {
-		return Errorf(Invalid, "", "read body: %v", err)
-	}
-	if len(body) > MaxBody {
-		return Errorf(TooLarge, "", "body is over %d bytes", MaxBody)
+		return err
 	}
 	return DecodeBytes(body, v, optional)
+}
+
+// ReadBody reads a request body of at most MaxBody bytes.
+func ReadBody(r *http.Request) ([]byte, error) {
+	if r.ContentLength > MaxBody {
+		return nil, Errorf(TooLarge, "", "body is over %d bytes", MaxBody)
+	}
+	// Sized to the declared length, the body is read without regrowing:
+	// status reports arrive 2,000 a second.
+	size := 512
+	if r.ContentLength > 0 {
+		size = int(r.ContentLength) + 1 // +1: room for the read that sees EOF
+	}
+	body := make([]byte, 0, size)
+	lr := io.LimitReader(r.Body, MaxBody+1)
+	for {
+		if len(body) == cap(body) {
+			body = append(body, 0)[:len(body)]
+		}
+		n, err := lr.Read(body[len(body):cap(body)])
+		body = body[:len(body)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, Errorf(Invalid, "", "read body: %v", err)
+		}
+	}
+	if len(body) > MaxBody {
+		return nil, Errorf(TooLarge, "", "body is over %d bytes", MaxBody)
+	}
+	return body, nil
 }
 
 // DecodeBytes is DecodeJSON's strict decoder on a body already read; it is

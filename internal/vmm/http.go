@@ -1,6 +1,7 @@
 package vmm
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -85,11 +86,10 @@ func (v *VMM) admin(h http.HandlerFunc) http.HandlerFunc {
 var (
 	namePattern     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	portNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,31}$`)
-	processIDRe     = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 )
 
 // validateReport checks what decoding cannot: the values of API.md.
-func validateReport(st *api.Status) error {
+func validateReport(st *report) error {
 	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
 	switch st.State {
 	case api.LoadEmpty, api.LoadPartial, api.LoadFull, api.LoadShuttingDown:
@@ -97,12 +97,12 @@ func validateReport(st *api.Status) error {
 		return bad("state %q: want empty, partial, full or shutting_down", st.State)
 	}
 	for _, p := range st.Processes {
-		if !processIDRe.MatchString(p.ID) || !processStates[p.State] || api.IsTerminal(p.State) {
+		if !validProcessID(p.ID) || !processStates[p.State] || api.IsTerminal(p.State) {
 			return bad("live process %q: want an id and a live state, got %q", p.ID, p.State)
 		}
 	}
 	for _, p := range st.Ended {
-		if !processIDRe.MatchString(p.ID) || !api.IsTerminal(p.State) {
+		if !validProcessID(p.ID) || !api.IsTerminal(p.State) {
 			return bad("ended process %q: want an id and a final state, got %q", p.ID, p.State)
 		}
 	}
@@ -304,6 +304,22 @@ func (v *VMM) deleteMachine(w http.ResponseWriter, r *http.Request) {
 	answer(v, w, http.StatusAccepted, func(s *state) (api.Machine, error) { return s.requestMachineRemoval(r.PathValue("id")) })
 }
 
+// readReport reads and decodes a status report body (see report).
+func readReport(r *http.Request) (*report, error) {
+	body, err := rest.ReadBody(r)
+	if err != nil {
+		return nil, err
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return nil, rest.Errorf(rest.Invalid, "", "a JSON body is required")
+	}
+	st, err := decodeReport(body)
+	if err != nil {
+		return nil, rest.Errorf(rest.Invalid, "", "body: %v", err)
+	}
+	return st, nil
+}
+
 // postStatus applies an LSPM status report: only that machine's token.
 func (v *VMM) postStatus(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
@@ -313,13 +329,12 @@ func (v *VMM) postStatus(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	th := rest.TokenHash(tok)
-	var st api.Status
-	bodyErr := rest.DecodeJSON(r, &st, false)
+	st, bodyErr := readReport(r)
 	if bodyErr == nil && st.MachineID != "" && st.MachineID != id {
 		bodyErr = rest.Errorf(rest.Invalid, "", "report of machine %q sent for %q", st.MachineID, id)
 	}
 	if bodyErr == nil {
-		bodyErr = validateReport(&st)
+		bodyErr = validateReport(st)
 	}
 	var applied bool
 	var missing []string

@@ -26,7 +26,7 @@ type stubLSPM struct {
 	shutdown atomic.Int32
 }
 
-func newStubLSPM(t *testing.T) *stubLSPM {
+func newStubLSPM(t testing.TB) *stubLSPM {
 	l := &stubLSPM{}
 	l.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
@@ -90,7 +90,7 @@ type testVMM struct {
 
 const testAdmin = "admin-0123456789abcdef"
 
-func newTestVMM(t *testing.T) *testVMM {
+func newTestVMM(t testing.TB) *testVMM {
 	t.Helper()
 	clk := clock.NewFake(time.Now())
 	prov := &stubProvider{lspm: newStubLSPM(t), tokens: map[string]string{}}
@@ -107,7 +107,7 @@ func newTestVMM(t *testing.T) *testVMM {
 	return &testVMM{VMM: v, clk: clk, prov: prov, h: v.Handler()}
 }
 
-func (tv *testVMM) req(t *testing.T, method, path, token string, body any) (int, []byte) {
+func (tv *testVMM) req(t testing.TB, method, path, token string, body any) (int, []byte) {
 	t.Helper()
 	var rd io.Reader
 	if body != nil {
@@ -129,13 +129,13 @@ func (tv *testVMM) step(d time.Duration) {
 	}
 }
 
-func (tv *testVMM) machine(t *testing.T, id string) api.Machine {
+func (tv *testVMM) machine(t testing.TB, id string) api.Machine {
 	var m api.Machine
 	_ = tv.doWait(func(s *state) { m = s.machines[id].m })
 	return m
 }
 
-func (tv *testVMM) report(t *testing.T, id string, seq uint64, live []api.Process, ended []api.Process) {
+func (tv *testVMM) report(t testing.TB, id string, seq uint64, live []api.Process, ended []api.Process) {
 	t.Helper()
 	load := api.LoadEmpty
 	if len(live) > 0 {
@@ -155,7 +155,7 @@ func fleetOf(name string) api.Fleet {
 }
 
 // bootOne creates a fleet and a machine, and brings it to ready.
-func bootOne(t *testing.T, tv *testVMM) string {
+func bootOne(t testing.TB, tv *testVMM) string {
 	t.Helper()
 	if code, raw := tv.req(t, "POST", "/v1/fleets", testAdmin, fleetOf("f")); code != 201 {
 		t.Fatalf("fleet: %d %s", code, raw)

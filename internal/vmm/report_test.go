@@ -1,0 +1,118 @@
+package vmm
+
+import (
+	"fmt"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"dedi.dev/dedi/api"
+)
+
+// rawReport posts a status report body as is.
+func (tv *testVMM) rawReport(t *testing.T, id, body string) (int, string) {
+	t.Helper()
+	r := httptest.NewRequest("POST", "/v1/machines/"+id+"/status", strings.NewReader(body))
+	r.Header.Set("Authorization", "Bearer "+tv.prov.token(id))
+	w := httptest.NewRecorder()
+	tv.h.ServeHTTP(w, r)
+	return w.Code, w.Body.String()
+}
+
+func (tv *testVMM) process(t *testing.T, id string) api.Process {
+	t.Helper()
+	var p api.Process
+	_ = tv.doWait(func(s *state) {
+		if q := s.processes[id]; q != nil {
+			p = *q
+		}
+	})
+	return p
+}
+
+func procJSON(id, state string, players int, labels string) string {
+	return fmt.Sprintf(`{"id":%q,"state":%q,"pid":7,"players":%d,"command":["/g"],"params":{},"labels":%s,`+
+		`"address":"127.0.0.1","ports":{"game":30000},"health":{"periodSeconds":2,"failureThreshold":3,"startTimeoutSeconds":60},`+
+		`"createdAt":"2026-01-01T00:00:00Z","readyAt":null,"lastHeartbeatAt":"2026-01-01T00:00:0%dZ","endedAt":null,"exit":null}`,
+		id, state, players, labels, players)
+}
+
+func reportJSON(seq int, procs ...string) string {
+	return fmt.Sprintf(`{"seq":%d,"state":"partial","maxProcesses":4,"processes":[%s]}`, seq, strings.Join(procs, ","))
+}
+
+// The steady path moves players, heartbeats and state; a changed label
+// (a game's Agones SetLabel) is seen too, though it is off that path.
+func TestReportMovesProcessesAndSeesLabelChanges(t *testing.T) {
+	tv := newTestVMM(t)
+	id := bootOne(t, tv)
+	for seq, c := range []struct {
+		state   string
+		players int
+		labels  string
+	}{
+		{api.StateStarting, 0, `{"a":"1"}`},
+		{api.StateReady, 2, `{"a":"1"}`},
+		{api.StateReady, 5, `{"a":"1"}`},
+		{api.StateAllocated, 6, `{"a":"2","b":"x"}`},
+		{api.StateAllocated, 7, `{"a":"2","b":"x"}`},
+	} {
+		if code, body := tv.rawReport(t, id, reportJSON(seq+2, procJSON("p-1", c.state, c.players, c.labels))); code != 200 || !strings.Contains(body, `"applied":true`) {
+			t.Fatalf("report %d: %d %s", seq, code, body)
+		}
+		p := tv.process(t, "p-1")
+		if p.State != c.state || p.Players != c.players || p.Labels["a"] != strings.Split(c.labels, `"`)[3] || p.MachineID != id || p.Fleet != "f" {
+			t.Fatalf("after report %d: %+v", seq, p)
+		}
+		if want := fmt.Sprintf("2026-01-01T00:00:0%dZ", c.players); p.LastHeartbeatAt == nil || p.LastHeartbeatAt.Format("2006-01-02T15:04:05Z") != want {
+			t.Fatalf("after report %d: heartbeat %v, want %s", seq, p.LastHeartbeatAt, want)
+		}
+	}
+	if p := tv.process(t, "p-1"); p.Labels["b"] != "x" || p.Ports["game"] != 30000 || len(p.Command) != 1 {
+		t.Fatalf("fixed members: %+v", p)
+	}
+}
+
+// A report is taken whole or not at all: one bad process refuses it, and
+// the machine and its known processes are as before.
+func TestBadReportChangesNothing(t *testing.T) {
+	tv := newTestVMM(t)
+	id := bootOne(t, tv)
+	if code, body := tv.rawReport(t, id, reportJSON(2, procJSON("p-1", api.StateReady, 1, `{}`))); code != 200 {
+		t.Fatalf("first report: %d %s", code, body)
+	}
+	bad := []string{
+		// a new process whose labels are not strings: found only when its fixed members are decoded
+		reportJSON(3, procJSON("p-1", api.StateReady, 4, `{}`), procJSON("p-2", api.StateReady, 1, `{"a":1}`)),
+		// a known process whose changed fixed members do not decode
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"ports":{"game":30000}`, `"ports":{"game":"x"}`, 1)),
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"pid":7`, `"pid":7,"Players":2`, 1)),
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"pid":7`, `"pid":7,"pid":8`, 1)),
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"pid":7`, `"pid":7,"extra":{}`, 1)),
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"players":4`, `"players":"4"`, 1)),
+		reportJSON(3, procJSON("p-1", api.StateCrashed, 4, `{}`)),
+		reportJSON(3, procJSON("p 1", api.StateReady, 4, `{}`)),
+		`{"seq":3,"state":"partial","processes":{}}`,
+		`{"seq":3,"state":"partial","processes":[1]}`,
+	}
+	for _, body := range bad {
+		code, ans := tv.rawReport(t, id, body)
+		if code != 400 || !strings.Contains(ans, `"code":"invalid"`) {
+			t.Errorf("%s: %d %s", body, code, ans)
+		}
+	}
+	if m := tv.machine(t, id); m.Seq != 2 {
+		t.Fatalf("a refused report moved the machine's seq to %d", m.Seq)
+	}
+	if p := tv.process(t, "p-1"); p.Players != 1 {
+		t.Fatalf("a refused report moved p-1: %+v", p)
+	}
+	if p := tv.process(t, "p-2"); p.ID != "" {
+		t.Fatalf("a refused report adopted p-2: %+v", p)
+	}
+	// Escaped member names are the same names.
+	esc := strings.Replace(procJSON("p-1", api.StateReady, 3, `{}`), `"players"`, `"pl\u0061yers"`, 1)
+	if code, ans := tv.rawReport(t, id, reportJSON(3, esc)); code != 200 || tv.process(t, "p-1").Players != 3 {
+		t.Fatalf("escaped name: %d %s", code, ans)
+	}
+}

@@ -41,6 +41,8 @@ type Config struct {
 	TickInterval time.Duration
 	// KeepEnded and KeepEvents bound the history kept in the store.
 	KeepEnded, KeepEvents int
+	// KeepEndedMachines bounds the terminated and lost machines kept.
+	KeepEndedMachines int
 }
 
 func (c Config) withDefaults() Config {
@@ -58,6 +60,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.TickInterval == 0 {
 		c.TickInterval = 250 * time.Millisecond
+	}
+	if c.KeepEndedMachines == 0 {
+		c.KeepEndedMachines = 1000
 	}
 	if c.KeepEnded == 0 {
 		c.KeepEnded = 10000

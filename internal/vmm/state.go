@@ -45,6 +45,31 @@ type state struct {
 	ticks    int
 }
 
+// pruneMachines forgets the oldest machines that are gone for good
+// (terminated, or lost with nothing left at the provider) beyond the newest
+// KeepEndedMachines, in memory and in the store: a fleet that scales up and
+// down every hour would otherwise grow the VMM's state without bound.
+func (s *state) pruneMachines() {
+	var gone []*machineState
+	for _, m := range s.machines {
+		if !m.busy && (m.m.State == api.MachineTerminated || (m.m.State == api.MachineLost && m.m.ProviderID == "")) {
+			gone = append(gone, m)
+		}
+	}
+	extra := len(gone) - s.v.cfg.KeepEndedMachines
+	if extra <= 0 {
+		return
+	}
+	sort.Slice(gone, func(i, j int) bool { return gone[i].m.CreatedAt.Before(gone[j].m.CreatedAt) })
+	for _, m := range gone[:extra] {
+		delete(s.machines, m.m.ID)
+		if s.byToken[m.tokenTH] == m.m.ID {
+			delete(s.byToken, m.tokenTH)
+		}
+		s.ops = append(s.ops, store.Op{Table: store.Machines, Key: m.m.ID, Delete: true})
+	}
+}
+
 // pruneEnded keeps the newest KeepEnded ended processes in memory (the
 // committer prunes the store alike).
 func (s *state) pruneEnded() {
@@ -755,6 +780,7 @@ func (s *state) tick() {
 	}
 	if s.ticks++; s.ticks%40 == 0 {
 		s.pruneEnded()
+		s.pruneMachines()
 	}
 	for name, f := range s.fleets {
 		if f.deleting {

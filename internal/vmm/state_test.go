@@ -90,13 +90,16 @@ type testVMM struct {
 
 const testAdmin = "admin-0123456789abcdef"
 
-func newTestVMM(t testing.TB) *testVMM {
+func newTestVMM(t testing.TB, tweaks ...func(*Config)) *testVMM {
 	t.Helper()
 	clk := clock.NewFake(time.Now())
 	prov := &stubProvider{lspm: newStubLSPM(t), tokens: map[string]string{}}
-	v, err := New(Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), AdminToken: testAdmin,
-		Providers: map[string]provider.Provider{"stub": prov}, ReportInterval: time.Second, BootTimeout: 10 * time.Second},
-		slog.New(slog.NewTextHandler(io.Discard, nil)), clk)
+	cfg := Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), AdminToken: testAdmin,
+		Providers: map[string]provider.Provider{"stub": prov}, ReportInterval: time.Second, BootTimeout: 10 * time.Second}
+	for _, tw := range tweaks {
+		tw(&cfg)
+	}
+	v, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), clk)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,5 +289,58 @@ func TestIdleShutdownWaitsForTheHandshake(t *testing.T) {
 	defer tv.prov.mu.Unlock()
 	if len(tv.prov.deleted) != 1 || tv.prov.deleted[0] != id {
 		t.Fatalf("deleted %v", tv.prov.deleted)
+	}
+}
+
+// Machines gone for good are forgotten beyond KeepEndedMachines, oldest
+// first, in memory and in the store.
+func TestEndedMachinesArePruned(t *testing.T) {
+	tv := newTestVMM(t, func(c *Config) { c.KeepEndedMachines = 1 })
+	f := fleetOf("f")
+	f.Scaling.MaxMachines = 3
+	if code, _ := tv.req(t, "POST", "/v1/fleets", testAdmin, f); code != 201 {
+		t.Fatal("fleet")
+	}
+	var ids []string
+	for i := 0; i < 3; i++ {
+		_, raw := tv.req(t, "POST", "/v1/machines", testAdmin, api.CreateMachineRequest{Fleet: "f"})
+		var m api.Machine
+		_ = json.Unmarshal(raw, &m)
+		ids = append(ids, m.ID)
+		for tv.machine(t, m.ID).State != api.MachineBooting {
+			time.Sleep(time.Millisecond)
+		}
+		tv.step(time.Second) // distinct creation times
+	}
+	tv.step(11 * time.Second) // all three miss the boot timeout
+	deadline := time.Now().Add(5 * time.Second)
+	for _, id := range ids {
+		for tv.machine(t, id).State != api.MachineTerminated {
+			if time.Now().After(deadline) {
+				t.Fatalf("machine %s: %s", id, tv.machine(t, id).State)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	tv.step(40 * tv.cfg.TickInterval) // a prune round
+	for i, id := range ids {
+		code, _ := tv.req(t, "GET", "/v1/machines/"+id, testAdmin, nil)
+		if want := map[bool]int{true: 200, false: 404}[i == 2]; code != want {
+			t.Errorf("machine %d (%s): GET %d, want %d", i, id, code, want)
+		}
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		snap, err := tv.store.Load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(snap.Machines) == 1 && snap.Machines[0].Key == ids[2] {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stored machines: %d", len(snap.Machines))
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

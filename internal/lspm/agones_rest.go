@@ -148,7 +148,7 @@ var restCalls = map[string]restCall{
 
 // restPaths are the known paths, to tell a wrong method from an unknown path.
 var restPaths = func() map[string]bool {
-	m := map[string]bool{}
+	m := map[string]bool{"/watch/gameserver": true} // served by watchREST
 	for k := range restCalls {
 		_, path, _ := strings.Cut(k, " ")
 		m[path] = true

@@ -304,6 +304,8 @@ func TestAgonesREST(t *testing.T) {
 		{"PUT", "/alpha/player/capacity", `{"count": -2}`, 400, codes.InvalidArgument, "count"},
 		{"GET", "/nope", "", 404, codes.NotFound, "Not Found"},
 		{"DELETE", "/ready", "", 501, codes.Unimplemented, "Method Not Allowed"},
+		{"POST", "/watch/gameserver", "{}", 501, codes.Unimplemented, "Method Not Allowed"},
+		{"POST", "/alpha/player/connected/x", "{}", 501, codes.Unimplemented, "Method Not Allowed"},
 		{"GET", "/v1beta1/counters/rooms", "", 501, codes.Unimplemented, "agones.dev.sdk.beta.SDK/GetCounter"},
 		{"PATCH", "/v1beta1/counters/rooms", "{}", 501, codes.Unimplemented, "UpdateCounter"},
 		{"POST", "/v1beta1/lists/players:addValue", "{}", 501, codes.Unimplemented, "AddListValue"},
@@ -674,4 +676,44 @@ func FuzzAgonesREST(f *testing.F) {
 			}
 		}
 	})
+}
+
+// BenchmarkCheckPeer: the cost of the per-connection check, when the game
+// itself holds the socket (the common case) and when the whole of /proc is
+// scanned for the session (a child of the game connects).
+func BenchmarkCheckPeer(b *testing.B) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	sc := <-accepted
+	defer sc.Close()
+	start, _ := procStartTime(os.Getpid())
+	_, sid, _ := groupOf(os.Getpid())
+	for _, bc := range []struct {
+		name  string
+		owner peerOwner
+	}{
+		{"game", peerOwner{pid: os.Getpid(), start: start, session: sid}},
+		{"session-scan", peerOwner{session: sid}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				if err := bc.owner.checkPeer(sc); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

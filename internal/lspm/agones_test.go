@@ -32,7 +32,7 @@ import (
 // Unit tests of the Agones SDK run a real Agent (loop, REST and gRPC
 // servers) on a fake clock, with a `sleep` child as the game. The test
 // process itself plays the game's client: the servers are told that its
-// session owns them. Ports 46000-46099 are this file's.
+// session owns them. Ports 47500-47599 are this file's.
 
 type agonesEnv struct {
 	a    *Agent
@@ -61,7 +61,7 @@ func startAgones(t *testing.T, owner func(game launched) peerOwner) *agonesEnv {
 	t.Helper()
 	clk := clock.NewFake(time.Now().UTC())
 	cfg := Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), MachineID: "m", Insecure: true,
-		PortMin: 46000, PortMax: 46099, ShimPath: "/bin/false", Grace: 5 * time.Second}
+		PortMin: 47500, PortMax: 47599, ShimPath: "/bin/false", Grace: 5 * time.Second}
 	a, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), clk)
 	if err != nil {
 		t.Fatal(err)

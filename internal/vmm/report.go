@@ -72,6 +72,7 @@ type fixedFields struct {
 	Command          []string          `json:"command"`
 	Params           map[string]any    `json:"params"`
 	Labels           map[string]string `json:"labels"`
+	Annotations      map[string]string `json:"annotations"` // Agones processes only
 	Address          string            `json:"address"`
 	Ports            map[string]int    `json:"ports"`
 	SDK              string            `json:"sdk"`
@@ -94,7 +95,7 @@ func (p *liveProcess) decodeFixed() (fixedFields, error) {
 // process is the process a live entry describes, on its machine.
 func (p *liveProcess) process(f fixedFields) api.Process {
 	out := api.Process{ID: p.ID, Fleet: f.Fleet, MachineID: f.MachineID, State: p.State, PID: p.PID,
-		Command: f.Command, Params: f.Params, Labels: f.Labels, Address: f.Address, Ports: f.Ports,
+		Command: f.Command, Params: f.Params, Labels: f.Labels, Annotations: f.Annotations, Address: f.Address, Ports: f.Ports,
 		Players: p.Players, Instances: p.Instances, SDK: f.SDK, Health: f.Health, MemoryLimitBytes: f.MemoryLimitBytes,
 		RSSBytes: p.RSSBytes, CreatedAt: f.CreatedAt, EndedAt: f.EndedAt, Exit: f.Exit}
 	if !p.ReadyAt.IsZero() {
@@ -193,7 +194,7 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, arena []byte, scratch *[]byt
 			err = jsonv2.UnmarshalDecode(dec, &p.ReadyAt)
 		case "lastHeartbeatAt":
 			err = jsonv2.UnmarshalDecode(dec, &p.LastHeartbeatAt)
-		case "fleet", "machineId", "command", "params", "labels", "address", "ports", "sdk", "health",
+		case "fleet", "machineId", "command", "params", "labels", "annotations", "address", "ports", "sdk", "health",
 			"memoryLimitBytes", "createdAt", "endedAt", "exit":
 			if !first {
 				arena = append(arena, ',')

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"reflect"
+	"strings"
 	"time"
 
 	jsonv2 "github.com/go-json-experiment/json"
@@ -65,48 +67,48 @@ type liveProcess struct {
 	sum             uint64    // hash of fixed
 }
 
-// fixedFields are the members of a process that rarely change.
-type fixedFields struct {
-	Fleet            string            `json:"fleet"`
-	MachineID        string            `json:"machineId"`
-	Command          []string          `json:"command"`
-	Params           map[string]any    `json:"params"`
-	Labels           map[string]string `json:"labels"`
-	Annotations      map[string]string `json:"annotations"` // Agones processes only
-	Address          string            `json:"address"`
-	Ports            map[string]int    `json:"ports"`
-	SDK              string            `json:"sdk"`
-	Health           api.Health        `json:"health"`
-	MemoryLimitBytes int64             `json:"memoryLimitBytes"`
-	CreatedAt        time.Time         `json:"createdAt"`
-	EndedAt          *time.Time        `json:"endedAt"`
-	Exit             *api.Exit         `json:"exit"`
-}
+// movingNames are the members of a process that change between reports;
+// every other member of api.Process is fixed (see report).
+var movingNames = map[string]bool{"id": true, "state": true, "pid": true, "players": true, "instances": true,
+	"rssBytes": true, "readyAt": true, "lastHeartbeatAt": true}
+
+// fixedNames are the other members of api.Process, read off its type so
+// that a member added to the wire is never refused here.
+var fixedNames = func() map[string]bool {
+	out := map[string]bool{}
+	t := reflect.TypeFor[api.Process]()
+	for i := 0; i < t.NumField(); i++ {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		if name != "" && name != "-" && !movingNames[name] {
+			out[name] = true
+		}
+	}
+	return out
+}()
 
 // decodeFixed decodes and type-checks a process's fixed members.
-func (p *liveProcess) decodeFixed() (fixedFields, error) {
-	var f fixedFields
+func (p *liveProcess) decodeFixed() (api.Process, error) {
+	var f api.Process
 	if err := jsonv2.Unmarshal(p.fixed, &f, jsonv2.RejectUnknownMembers(true)); err != nil {
 		return f, fmt.Errorf("process %q: %w", p.ID, err)
 	}
 	return f, nil
 }
 
-// process is the process a live entry describes, on its machine.
-func (p *liveProcess) process(f fixedFields) api.Process {
-	out := api.Process{ID: p.ID, Fleet: f.Fleet, MachineID: f.MachineID, State: p.State, PID: p.PID,
-		Command: f.Command, Params: f.Params, Labels: f.Labels, Annotations: f.Annotations, Address: f.Address, Ports: f.Ports,
-		Players: p.Players, Instances: p.Instances, SDK: f.SDK, Health: f.Health, MemoryLimitBytes: f.MemoryLimitBytes,
-		RSSBytes: p.RSSBytes, CreatedAt: f.CreatedAt, EndedAt: f.EndedAt, Exit: f.Exit}
+// process is the process a live entry describes: its fixed members f with
+// the moving ones laid over them.
+func (p *liveProcess) process(f api.Process) api.Process {
+	f.ID, f.State, f.PID, f.Players, f.Instances, f.RSSBytes = p.ID, p.State, p.PID, p.Players, p.Instances, p.RSSBytes
+	f.ReadyAt, f.LastHeartbeatAt = nil, nil
 	if !p.ReadyAt.IsZero() {
 		t := p.ReadyAt
-		out.ReadyAt = &t
+		f.ReadyAt = &t
 	}
 	if !p.LastHeartbeatAt.IsZero() {
 		t := p.LastHeartbeatAt
-		out.LastHeartbeatAt = &t
+		f.LastHeartbeatAt = &t
 	}
-	return out
+	return f
 }
 
 // liveProcesses is a report's live set. The fixed members of all its
@@ -194,8 +196,10 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, arena []byte, scratch *[]byt
 			err = jsonv2.UnmarshalDecode(dec, &p.ReadyAt)
 		case "lastHeartbeatAt":
 			err = jsonv2.UnmarshalDecode(dec, &p.LastHeartbeatAt)
-		case "fleet", "machineId", "command", "params", "labels", "annotations", "address", "ports", "sdk", "health",
-			"memoryLimitBytes", "createdAt", "endedAt", "exit":
+		default:
+			if !fixedNames[string(unq)] {
+				return arena, fmt.Errorf("unknown field %q (field names are case-sensitive)", unq)
+			}
 			if !first {
 				arena = append(arena, ',')
 			}
@@ -206,8 +210,6 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, arena []byte, scratch *[]byt
 			if v, err = dec.ReadValue(); err == nil {
 				arena = append(arena, v...)
 			}
-		default:
-			return arena, fmt.Errorf("unknown field %q (field names are case-sensitive)", unq)
 		}
 		if err != nil {
 			return arena, fmt.Errorf("%s: %w", unq, err)

@@ -71,6 +71,17 @@ func TestReportMovesProcessesAndSeesLabelChanges(t *testing.T) {
 	if p := tv.process(t, "p-1"); p.Labels["b"] != "x" || p.Ports["game"] != 30000 || len(p.Command) != 1 {
 		t.Fatalf("fixed members: %+v", p)
 	}
+	// Every member of the process object is taken, including those added
+	// after the report decoder was written (annotations, from Agones).
+	withAll := strings.Replace(procJSON("p-1", api.StateAllocated, 7, `{}`), `"pid":7`,
+		`"pid":7,"annotations":{"agones.dev/sdk-x":"y"},"sdk":"agones","instances":2,"memoryLimitBytes":1024,"rssBytes":512,"fleet":"f","machineId":"`+id+`"`, 1)
+	if code, body := tv.rawReport(t, id, reportJSON(10, withAll)); code != 200 {
+		t.Fatalf("report with every member: %d %s", code, body)
+	}
+	p := tv.process(t, "p-1")
+	if p.Annotations["agones.dev/sdk-x"] != "y" || p.SDK != "agones" || p.Instances != 2 || p.MemoryLimitBytes != 1024 || p.RSSBytes != 512 {
+		t.Fatalf("every member: %+v", p)
+	}
 }
 
 // A report is taken whole or not at all: one bad process refuses it, and

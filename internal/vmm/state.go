@@ -52,7 +52,7 @@ type state struct {
 func (s *state) pruneMachines() {
 	var gone []*machineState
 	for _, m := range s.machines {
-		if !m.busy && (m.m.State == api.MachineTerminated || (m.m.State == api.MachineLost && m.m.ProviderID == "")) {
+		if !m.busy && (m.m.State == api.MachineTerminated || (m.m.State == api.MachineLost && m.released)) {
 			gone = append(gone, m)
 		}
 	}
@@ -132,6 +132,7 @@ type machineState struct {
 	retryAt   time.Time           // when a failed provider delete is tried again
 	removing  bool                // deletion asked (DELETE or fleet deletion)
 	fromStore bool                // recorded by an earlier run (reconcile judges it)
+	released  bool                // lost, and nothing of it left at the provider
 	createErr string              // why the provider could not create it
 	ready     chan struct{}       // closed when it leaves provisioning/booting
 }
@@ -142,6 +143,9 @@ type storedMachine struct {
 	Token    string      `json:"token"`
 	LSPMURL  string      `json:"lspmUrl"`
 	Removing bool        `json:"removing,omitempty"`
+	// Released: the provider holds nothing of this lost machine any more
+	// (deleted, or found gone); its providerId stays as evidence.
+	Released bool `json:"released,omitempty"`
 }
 
 func (s *state) now() time.Time { return s.v.clock.Now().UTC() }
@@ -173,7 +177,7 @@ func (s *state) saveFleet(f *fleetState) {
 func (s *state) saveMachine(m *machineState) {
 	m.m.ProcessCount = len(m.procs)
 	s.ops = append(s.ops, store.Op{Table: store.Machines, Key: m.m.ID, Fleet: m.m.Fleet, State: m.m.State,
-		Body: mustJSON(storedMachine{Machine: m.m, Token: m.token, LSPMURL: m.lspmURL, Removing: m.removing})})
+		Body: mustJSON(storedMachine{Machine: m.m, Token: m.token, LSPMURL: m.lspmURL, Removing: m.removing, Released: m.released})})
 }
 
 func (s *state) saveProcess(p *api.Process) {
@@ -527,7 +531,7 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 	}
 	// The fixed members of processes new to the VMM, or changed, are
 	// decoded first, so that a bad one rejects the report whole.
-	var fixed map[int]fixedFields
+	var fixed map[int]api.Process
 	for i := range st.Processes {
 		lp := &st.Processes[i]
 		if sum, ok := s.sums[lp.ID]; ok && sum == lp.sum && s.processes[lp.ID] != nil {
@@ -538,7 +542,7 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 			return false, nil, rest.Errorf(rest.Invalid, "", "body: %v", err)
 		}
 		if fixed == nil {
-			fixed = map[int]fixedFields{}
+			fixed = map[int]api.Process{}
 		}
 		fixed[i] = f
 	}
@@ -770,7 +774,7 @@ func (s *state) tick() {
 				}
 			}
 		case api.MachineLost:
-			if !m.busy && m.m.ProviderID != "" && !now.Before(m.retryAt) {
+			if !m.busy && m.m.ProviderID != "" && !m.released && !now.Before(m.retryAt) {
 				// Clean up what the provider still holds; the machine stays
 				// lost in the record.
 				m.busy = true
@@ -847,7 +851,7 @@ func (s *state) deprovisioned(id string, err error) {
 	}
 	m.procs = map[string]struct{}{}
 	if m.m.State == api.MachineLost {
-		m.m.ProviderID = ""
+		m.released = true
 		s.saveMachine(m)
 		return
 	}

@@ -207,6 +207,28 @@ func TestSilentMachineGoesLostWithItsProcesses(t *testing.T) {
 	if got.State != api.StateLost || got.Exit == nil || got.Exit.Reason != api.ReasonLost {
 		t.Fatalf("process %s %+v", got.State, got.Exit)
 	}
+	// The provider is told to delete what is left of it, once; the record
+	// keeps the provider's id as evidence.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tv.prov.mu.Lock()
+		n := len(tv.prov.deleted)
+		tv.prov.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("provider deletes: %d", n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	tv.step(time.Minute)
+	tv.prov.mu.Lock()
+	n := len(tv.prov.deleted)
+	tv.prov.mu.Unlock()
+	if m := tv.machine(t, id); n != 1 || m.ProviderID != id || m.State != api.MachineLost {
+		t.Fatalf("after the delete: %d deletes, machine %+v", n, m)
+	}
 }
 
 func TestStaleReportIsIgnored(t *testing.T) {

@@ -132,7 +132,7 @@ func (v *VMM) load() (*state, error) {
 		if err := json.Unmarshal(r.Body, &sm); err != nil {
 			return nil, fmt.Errorf("machine %s: %w", r.Key, err)
 		}
-		m := &machineState{fromStore: true, m: sm.Machine, token: sm.Token, lspmURL: sm.LSPMURL, removing: sm.Removing,
+		m := &machineState{fromStore: true, m: sm.Machine, token: sm.Token, lspmURL: sm.LSPMURL, removing: sm.Removing, released: sm.Released || (sm.Machine.State == api.MachineLost && sm.Machine.ProviderID == ""),
 			procs: map[string]struct{}{}, ready: make(chan struct{}), bootBy: now.Add(v.cfg.BootTimeout)}
 		if m.m.State != api.MachineProvisioning && m.m.State != api.MachineBooting {
 			close(m.ready)
@@ -270,7 +270,8 @@ func (v *VMM) reconcile(ctx context.Context) {
 				case !ok && was != api.MachineTerminated && was != api.MachineLost:
 					// Gone while no VMM ran (deleted by hand, host rebooted).
 					s.machineLost(m, "its provider no longer has it")
-					m.m.ProviderID = ""
+					m.released = true
+					s.saveMachine(m)
 				}
 			})
 		}

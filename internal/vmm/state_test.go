@@ -220,6 +220,7 @@ func TestSilentMachineGoesLostWithItsProcesses(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("provider deletes: %d", n)
 		}
+		tv.step(tv.cfg.TickInterval) // the tick starts the delete
 		time.Sleep(time.Millisecond)
 	}
 	tv.step(time.Minute)

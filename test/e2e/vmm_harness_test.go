@@ -59,13 +59,15 @@ const adminToken = "admin-token-for-tests-0123456789"
 func startVMM(t testing.TB, extra ...string) *vmmProc {
 	t.Helper()
 	n := int(hostBase.Add(1) - 1)
-	first := 20 + n*10 // 127.0.0.20.. in blocks of 10
-	if first+9 > 190 || n > 13 {
+	// 127.0.0.20-159 in blocks of 5 machines, each with 100 game ports
+	// from 51000 on: room for 28 VMMs in one run.
+	first := 20 + n*5
+	if first+4 > 159 {
 		t.Fatal("out of loopback blocks")
 	}
 	dir := t.TempDir()
 	args := []string{"vmm", "--listen", "127.0.0.1:0", "--data-dir", dir, "--report-interval", "200ms",
-		"--local-first-host", fmt.Sprint(first), "--local-last-host", fmt.Sprint(first + 9), "--local-port-base", fmt.Sprint(51000 + n*1000), "--log-level", "info"}
+		"--local-first-host", fmt.Sprint(first), "--local-last-host", fmt.Sprint(first + 4), "--local-port-base", fmt.Sprint(51000 + n*500), "--log-level", "info"}
 	args = append(args, extra...)
 	v := &vmmProc{t: t, token: adminToken, dataDir: dir, args: args}
 	t.Cleanup(v.cleanup) // first: a start that fails still gets cleaned up

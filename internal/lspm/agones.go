@@ -609,9 +609,18 @@ func listenAgones(s *agonesState) (*agonesListeners, error) {
 			return nil, fmt.Errorf("agones sdk port %d: %w", port, err)
 		}
 		out := []net.Listener{ln}
-		if ln6, err := net.Listen("tcp6", net.JoinHostPort("::1", strconv.Itoa(port))); err == nil {
+		ln6, err := net.Listen("tcp6", net.JoinHostPort("::1", strconv.Itoa(port)))
+		switch {
+		case err == nil:
 			out = append(out, ln6)
+		case errors.Is(err, syscall.EADDRINUSE):
+			// Someone else holds [::1]:port: the game's SDK, dialing
+			// localhost, could reach it instead of dedi. Refuse to serve
+			// half of the port rather than let it answer for the game.
+			ln.Close()
+			return nil, fmt.Errorf("agones sdk port [::1]:%d: %w", port, err)
 		}
+		// Any other error: the host has no IPv6 loopback; 127.0.0.1 it is.
 		return out, nil
 	}
 	var err error

@@ -717,3 +717,39 @@ func BenchmarkCheckPeer(b *testing.B) {
 		})
 	}
 }
+
+// TestListenAgonesRefusesTakenIPv6: when something else holds [::1] on an
+// Agones port, the SDK is not served on 127.0.0.1 alone: a game dialing
+// localhost could reach the squatter and take it for dedi.
+func TestListenAgonesRefusesTakenIPv6(t *testing.T) {
+	squat, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	defer squat.Close()
+	port := squat.Addr().(*net.TCPAddr).Port
+	free, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := free.Addr().(*net.TCPAddr).Port
+	free.Close()
+	for _, st := range []*agonesState{{HTTPPort: port, GRPCPort: other}, {HTTPPort: other, GRPCPort: port}} {
+		ls, err := listenAgones(st)
+		if err == nil {
+			ls.close()
+			t.Fatalf("listenAgones %d/%d served beside a squatter on [::1]:%d", st.HTTPPort, st.GRPCPort, port)
+		}
+		// Nothing is left bound: both ports can be bound again.
+		for _, p := range []int{port, other} {
+			if p == port {
+				continue
+			}
+			l, err := net.Listen("tcp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+			if err != nil {
+				t.Fatalf("port %d left bound after the refusal: %v", p, err)
+			}
+			l.Close()
+		}
+	}
+}

@@ -318,6 +318,9 @@ func addFile(tw *tar.Writer, name, src string, mode int64) (string, error) {
 // the build that could not.
 func checkGameStatic(o Options, m Manifest) error {
 	cmd := filepath.Join(o.BuildDir, o.Command[0])
+	if real, err := filepath.EvalSymlinks(cmd); err == nil {
+		cmd = real // scan made sure it stays in the build dir
+	}
 	for _, e := range m.Executables {
 		p := filepath.Join(o.BuildDir, filepath.FromSlash(strings.TrimPrefix(e.Path, GameDir+"/")))
 		why, err := cannotRunFromScratch(p)

@@ -143,8 +143,14 @@ func TestDockerBuild(t *testing.T) {
 	if err := os.Symlink("server", filepath.Join(build, "server-link")); err != nil {
 		t.Fatal(err)
 	}
+	// The build dir is given through a symlink (as a "latest" link to a
+	// CI build would be): it is read as the dir it names.
+	linked := filepath.Join(t.TempDir(), "latest")
+	if err := os.Symlink(build, linked); err != nil {
+		t.Fatal(err)
+	}
 	name := dkRandName(t, "image-test")
-	ref, err := Build(t.Context(), Options{Format: "docker", Name: name, BuildDir: build, Command: []string{"server", "--map", "arena"},
+	ref, err := Build(t.Context(), Options{Format: "docker", Name: name, BuildDir: linked, Command: []string{"server", "--map", "arena"},
 		DediBinary: prog, DediVersion: "v-test", Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
@@ -305,8 +311,41 @@ func TestDockerBuildRefuses(t *testing.T) {
 		"dedi not an ELF": {func() Options { o := opts("ok", "server"); o.DediBinary = filepath.Join(build, "run.sh"); return o }(), "not an ELF"},
 		"no dedi":         {func() Options { o := opts("ok", "server"); o.DediBinary = ""; return o }(), "no dedi binary"},
 	}
+	// Symlinks that lead out of the build dir, or nowhere: each in a build of its own.
+	for name, link := range map[string]struct{ cmd, target, want string }{
+		"command symlink out of the build":  {"server-out", prog, "symlinks must stay inside the build dir"},
+		"symlink out of the build":          {"server", "/etc", "does not lead to a file of the build dir"},
+		"relative symlink out of the build": {"server", "../../x", "does not lead to a file of the build dir"},
+		"dangling symlink":                  {"server", "nothing", "does not lead to a file of the build dir"},
+	} {
+		dir := t.TempDir()
+		dkCopy(t, prog, filepath.Join(dir, "server"), 0o755)
+		ln := filepath.Join(dir, "sub", "link")
+		if link.cmd != "server" {
+			ln = filepath.Join(dir, link.cmd)
+		}
+		if err := os.MkdirAll(filepath.Dir(ln), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(link.target, ln); err != nil {
+			t.Fatal(err)
+		}
+		o := opts("ok", link.cmd)
+		o.BuildDir = dir
+		cases[name] = struct {
+			o    Options
+			want string
+		}{o, link.want}
+	}
 	if dynamic != "" {
 		dkCopy(t, dynamic, filepath.Join(build, "dyn"), 0o755)
+		if err := os.Symlink("dyn", filepath.Join(build, "dyn-link")); err != nil {
+			t.Fatal(err)
+		}
+		cases["dynamic command behind a symlink"] = struct {
+			o    Options
+			want string
+		}{opts("ok", "dyn-link"), "is dynamically linked"}
 		cases["dynamic dedi"] = struct {
 			o    Options
 			want string
@@ -319,9 +358,14 @@ func TestDockerBuildRefuses(t *testing.T) {
 		t.Log("no dynamically linked executable found on this machine: those cases are not run")
 	}
 	for name, c := range cases {
-		_, err := Build(t.Context(), c.o)
+		ref, err := Build(t.Context(), c.o)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: Build: %v, want an error saying %q", name, err, c.want)
+		}
+		if err == nil { // built after all: leave no image behind
+			for _, r := range []string{ref, DockerRepo(c.o.Name) + ":latest"} {
+				_ = exec.Command("docker", "rmi", "-f", r).Run()
+			}
 		}
 	}
 }

@@ -75,6 +75,9 @@ type Options struct {
 // Build builds an image and returns its reference, the value a fleet puts
 // in "image".
 func Build(ctx context.Context, o Options) (string, error) {
+	if dir, err := filepath.EvalSymlinks(o.BuildDir); err == nil {
+		o.BuildDir = dir // a build dir given through a symlink is walked as the dir itself
+	}
 	m, err := scan(o)
 	if err != nil {
 		return "", err
@@ -113,9 +116,16 @@ func scan(o Options) (Manifest, error) {
 		return Manifest{}, fmt.Errorf("build dir %s is not a directory", o.BuildDir)
 	}
 	main := filepath.Join(o.BuildDir, o.Command[0])
-	mst, err := os.Stat(main)
+	// Symlinks are followed only inside the build: the image holds nothing
+	// else, so one that leads out of it would dangle (or name dedi's files).
+	root, err := os.OpenRoot(o.BuildDir)
 	if err != nil {
-		return Manifest{}, fmt.Errorf("command: %w", err)
+		return Manifest{}, fmt.Errorf("build dir: %w", err)
+	}
+	defer root.Close()
+	mst, err := root.Stat(o.Command[0])
+	if err != nil {
+		return Manifest{}, fmt.Errorf("command %s: %w (symlinks must stay inside the build dir)", main, err)
 	}
 	if !mst.Mode().IsRegular() || mst.Mode()&0o111 == 0 {
 		return Manifest{}, fmt.Errorf("command %s is not an executable file", main)
@@ -134,6 +144,14 @@ func scan(o Options) (Manifest, error) {
 	err = filepath.WalkDir(o.BuildDir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
+		}
+		if d.Type()&fs.ModeSymlink != 0 {
+			rel, _ := filepath.Rel(o.BuildDir, p)
+			if _, err := root.Stat(rel); err != nil {
+				target, _ := os.Readlink(p)
+				return fmt.Errorf("symlink %s -> %s does not lead to a file of the build dir (%v): copy what it names into the build", p, target, err)
+			}
+			return nil
 		}
 		if !d.Type().IsRegular() {
 			return nil

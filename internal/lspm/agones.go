@@ -32,6 +32,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unicode/utf8"
@@ -66,6 +67,10 @@ const (
 	maxAgonesMeta        = 64      // labels, and annotations, set through the SDK
 	maxAnnotationValue   = 4 << 10 // bytes
 	maxAgonesReserveSecs = 366 * 24 * 3600
+	// maxAgonesWatches bounds the WatchGameServer streams (REST and gRPC
+	// together) open on one process: each change rebuilds the GameServer
+	// on the loop once per stream.
+	maxAgonesWatches = 32
 )
 
 // agonesState is what an Agones-SDK process has beyond a dedi one. It is
@@ -241,6 +246,8 @@ type agonesServer struct {
 	id    string
 	log   *slog.Logger
 	owner peerOwner
+
+	watches atomic.Int32 // open WatchGameServer streams
 }
 
 // do runs op on the loop against the live process.
@@ -355,6 +362,11 @@ func (s *agonesServer) GameServer() (*agonespb.GameServer, <-chan struct{}, erro
 // watch calls send with the GameServer now and after every change, until
 // ctx ends, the process ends or send fails.
 func (s *agonesServer) watch(ctx context.Context, send func(*agonespb.GameServer) error) error {
+	if s.watches.Add(1) > maxAgonesWatches {
+		s.watches.Add(-1)
+		return status.Errorf(codes.ResourceExhausted, "at most %d WatchGameServer streams may be open at once", maxAgonesWatches)
+	}
+	defer s.watches.Add(-1)
 	for {
 		gs, next, err := s.GameServer()
 		if err != nil {

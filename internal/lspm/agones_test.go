@@ -753,3 +753,82 @@ func TestListenAgonesRefusesTakenIPv6(t *testing.T) {
 		}
 	}
 }
+
+// TestAgonesWatchBound: a game cannot open watch streams without end (each
+// costs the loop a GameServer per change): past maxAgonesWatches, REST
+// answers 429 ResourceExhausted and gRPC ResourceExhausted; a closed stream
+// frees its place.
+func TestAgonesWatchBound(t *testing.T) {
+	e := startAgones(t, func(launched) peerOwner { return selfOwner(t) })
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	defer client.CloseIdleConnections()
+	open := func() (*http.Response, error) {
+		resp, err := client.Get(e.http + "/watch/gameserver")
+		if err != nil {
+			return nil, err
+		}
+		if resp.StatusCode == 200 {
+			// The first line is written once the stream counts.
+			if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil {
+				resp.Body.Close()
+				return nil, err
+			}
+		}
+		return resp, nil
+	}
+	var streams []*http.Response
+	defer func() {
+		for _, r := range streams {
+			r.Body.Close()
+		}
+	}()
+	for i := 0; i < maxAgonesWatches; i++ {
+		resp, err := open()
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("watch %d: %v %v", i, resp, err)
+		}
+		streams = append(streams, resp)
+	}
+	resp, err := open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	gatewayError(t, resp.StatusCode, string(b), 429, codes.ResourceExhausted, "WatchGameServer")
+
+	conn, err := grpc.NewClient(e.grpc, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	w, err := agonespb.NewSDKClient(conn).WatchGameServer(ctx, &agonespb.Empty{})
+	if err == nil {
+		_, err = w.Recv()
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("grpc watch past the bound: %v", err)
+	}
+
+	// A closed stream frees its place (the server sees the close when it
+	// next writes or when the connection's reader notices).
+	streams[0].Body.Close()
+	streams = streams[1:]
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := open()
+		if err == nil && resp.StatusCode == 200 {
+			streams = append(streams, resp)
+			break
+		}
+		if resp != nil {
+			resp.Body.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a closed watch did not free its place: %v %v", resp, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -31,7 +31,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	cerrdefs "github.com/containerd/errdefs"
@@ -161,7 +160,9 @@ type Docker struct {
 	log *slog.Logger
 	cli *client.Client
 
-	mu sync.Mutex // serializes the choice of a slot within this process
+	// slots serializes the choice of a slot within this process: a
+	// channel of one, so that a Create waiting for it gives up with its ctx.
+	slots chan struct{}
 }
 
 // New returns a provider over the engine the environment names
@@ -176,7 +177,7 @@ func New(cfg Config) (*Docker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("docker provider: %w", err)
 	}
-	return &Docker{cfg: cfg, log: cfg.Logger.With("provider", "docker"), cli: cli}, nil
+	return &Docker{cfg: cfg, log: cfg.Logger.With("provider", "docker"), cli: cli, slots: make(chan struct{}, 1)}, nil
 }
 
 // Name is "docker".
@@ -244,8 +245,12 @@ func (d *Docker) manifest(ctx context.Context, ref string) (string, image.Manife
 // those whose LSPM address is bound by anything else; the container's
 // name, which is the address's, settles any race.
 func (d *Docker) claim(ctx context.Context, spec provider.Spec, imageID string, m image.Manifest) (provider.Machine, string, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	select {
+	case d.slots <- struct{}{}:
+		defer func() { <-d.slots }()
+	case <-ctx.Done():
+		return provider.Machine{}, "", fmt.Errorf("wait for a slot: %w", ctx.Err())
+	}
 	res, err := d.cli.ContainerList(ctx, client.ContainerListOptions{All: true,
 		Filters: make(client.Filters).Add("label", LabelAddress)})
 	if err != nil {

@@ -32,8 +32,8 @@ import (
 	"dedi.dev/dedi/internal/provider/providertest"
 )
 
-// These tests use the loopback addresses 127.0.2.1-127.0.2.41 and the
-// ports 20000-24099 (see testConfig), clear of the local provider's tests
+// These tests use the loopback addresses 127.0.2.1-127.0.2.42 and the
+// ports 20000-24199 (see testConfig), clear of the local provider's tests
 // and of test/e2e.
 
 var (
@@ -407,6 +407,34 @@ func TestCreateErrors(t *testing.T) {
 			t.Errorf("Delete(%q): %v", id, err)
 		}
 	}
+}
+
+// TestCreateHonoursContext: a Create waiting for another's slot choice
+// gives up when its context ends.
+func TestCreateHonoursContext(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfg := testConfig(t, "ctx", 41, 1)
+	checkNoneLeft(t, cfg)
+	vmm := newFakeVMM(t)
+	d := newDocker(t, cfg)
+	d.slots <- struct{}{} // another Create is choosing a slot, and the engine is slow
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := d.Create(ctx, vmm.spec(t, "m-ctx", "f"))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Create = %v, want the context's deadline", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Create did not return when its context ended")
+	}
+	<-d.slots
 }
 
 // plainImage builds an image that is not dedi's (no manifest label).

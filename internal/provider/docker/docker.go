@@ -203,6 +203,9 @@ func (d *Docker) Create(ctx context.Context, spec provider.Spec) (provider.Machi
 	if err != nil {
 		return provider.Machine{}, fmt.Errorf("create %s: %w", spec.MachineID, err)
 	}
+	if err := checkCommand(spec, m); err != nil {
+		return provider.Machine{}, fmt.Errorf("create %s: %w", spec.MachineID, err)
+	}
 	mach, id, err := d.claim(ctx, spec, imageID, m)
 	if err != nil {
 		return provider.Machine{}, fmt.Errorf("create %s: %w", spec.MachineID, err)
@@ -238,6 +241,32 @@ func (d *Docker) manifest(ctx context.Context, ref string) (string, image.Manife
 		return "", image.Manifest{}, fmt.Errorf("image %s: %w", ref, err)
 	}
 	return insp.ID, m, nil
+}
+
+// checkCommand refuses a fleet command whose executable is neither one of
+// the image's (pinned by the manifest) nor one the fleet allows: the LSPM
+// lets its default command run whatever its hash, which would let a fleet
+// run dedi itself, or anything else in the image, as its game.
+func checkCommand(spec provider.Spec, m image.Manifest) error {
+	if len(spec.Command) == 0 {
+		return nil
+	}
+	argv0 := spec.Command[0]
+	for _, e := range m.Executables {
+		if e.Path == argv0 {
+			return nil
+		}
+	}
+	for _, a := range spec.Allow {
+		if p, _, _ := strings.Cut(a, "="); p == argv0 {
+			return nil
+		}
+	}
+	names := make([]string, 0, len(m.Executables))
+	for _, e := range m.Executables {
+		names = append(names, e.Path)
+	}
+	return fmt.Errorf("command %q is not an executable of image %s (it has %s): a machine runs only its image's build", argv0, spec.Image, strings.Join(names, ", "))
 }
 
 // claim creates the machine's container on the first free slot. Slots

@@ -384,6 +384,12 @@ func TestCreateErrors(t *testing.T) {
 		"no image":      {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t"}, "no image"},
 		"unknown image": {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t", Image: "dedi-no-such-image-" + runID + ":1"}, "never pulls"},
 		"not dedi's":    {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t", Image: plain}, "not a dedi image"},
+		// dedi is in the image but not of its build: a fleet must not run it as its game.
+		"command outside the build": {func() provider.Spec {
+			s := vmm.spec(t, "m-x", "f")
+			s.Command = []string{image.DockerDedi, "example", "echo"}
+			return s
+		}(), "not an executable of image"},
 	} {
 		_, err := d.Create(t.Context(), c.spec)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

@@ -145,7 +145,12 @@ func (t *table) agonesTick(now time.Time) {
 func agonesGameState(p *proc, now time.Time) string {
 	switch p.view.State {
 	case api.StateStarting:
-		if p.agones != nil && p.agones.Shutdown {
+		switch {
+		case p.agones != nil && p.agones.Shutdown:
+			return "Shutdown"
+		case p.stopReason == api.ReasonUnhealthy:
+			return "Unhealthy" // its start timeout ran out
+		case p.stopReason != "":
 			return "Shutdown"
 		}
 		return "Scheduled"

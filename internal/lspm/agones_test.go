@@ -832,3 +832,33 @@ func TestAgonesWatchBound(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestAgonesReadyWhileStopping: a game whose start timeout ran out is being
+// stopped; a Ready it sends in its grace must not make it ready, or the
+// machine would hand players a server that is about to be killed.
+func TestAgonesReadyWhileStopping(t *testing.T) {
+	e := startAgones(t, func(launched) peerOwner { return selfOwner(t) })
+	e.clk.Advance(time.Hour) // far past any start timeout
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		reason := ""
+		_ = e.a.do(func(tb *table) { reason = tb.live[e.id].stopReason })
+		if reason == api.ReasonUnhealthy {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the start timeout did not stop the process (stop reason %q)", reason)
+		}
+	}
+	e.restOK(t, "POST", "/ready", "{}", "{}")
+	if v := e.view(t); v.State != api.StateStarting || v.ReadyAt != nil {
+		t.Fatalf("a ready during the stop made the process %s", v.State)
+	}
+	var aerr error
+	_ = e.a.do(func(tb *table) { aerr = tb.allocate(tb.live[e.id]) })
+	if aerr == nil {
+		t.Fatal("a process being stopped was allocated")
+	}
+	if s := gsState(e.gameServer(t)); s != "Unhealthy" {
+		t.Fatalf("GameServer state %q, want Unhealthy", s)
+	}
+}

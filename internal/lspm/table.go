@@ -554,7 +554,10 @@ func (t *table) processCall(id, tokenHash string) (*proc, error) {
 // ready may come before commit: a fast game server calls it before its
 // shim has told the LSPM that it started.
 func (t *table) ready(p *proc) {
-	if p.view.State != api.StateStarting {
+	// A process being stopped (its start timeout ran out, or it was
+	// killed) stays as it is: made ready in its grace, it would be
+	// allocated and then killed under its players.
+	if p.view.State != api.StateStarting || p.stopReason != "" {
 		return
 	}
 	now := t.now()

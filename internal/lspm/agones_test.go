@@ -585,8 +585,17 @@ func TestFindSocket(t *testing.T) {
 // TestCheckPeerLive: on a real connection, the check finds the client's
 // socket among the fds of this process and of nobody in another session.
 func TestCheckPeerLive(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	for _, c := range []struct{ network, addr string }{{"tcp4", "127.0.0.1:0"}, {"tcp6", "[::1]:0"}} {
+		t.Run(c.network, func(t *testing.T) { checkPeerLive(t, c.network, c.addr) })
+	}
+}
+
+func checkPeerLive(t *testing.T, network, addr string) {
+	ln, err := net.Listen(network, addr)
 	if err != nil {
+		if network == "tcp6" {
+			t.Skipf("no IPv6 loopback: %v", err)
+		}
 		t.Fatal(err)
 	}
 	defer ln.Close()
@@ -598,7 +607,7 @@ func TestCheckPeerLive(t *testing.T) {
 		}
 		close(accepted)
 	}()
-	c, err := net.Dial("tcp4", ln.Addr().String())
+	c, err := net.Dial(network, ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}

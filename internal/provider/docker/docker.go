@@ -23,7 +23,6 @@ package docker
 import (
 	"context"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -405,7 +404,11 @@ func (d *Docker) List(ctx context.Context, fleet string) ([]provider.Machine, er
 	return out, nil
 }
 
-// machineOf reads a machine from its container's labels.
+// machineOf reads a machine from its container's labels. Labels are
+// whatever the container's creator wrote, and the VMM sends the machine's
+// token to its LSPM URL: only what this provider would have written is
+// believed (a valid machine id, an IPv4 loopback address, and the LSPM at
+// http://ADDRESS:PORT).
 func machineOf(id string, labels map[string]string) (provider.Machine, error) {
 	created, err := time.Parse(time.RFC3339Nano, labels[LabelCreated])
 	if err != nil {
@@ -413,8 +416,17 @@ func machineOf(id string, labels map[string]string) (provider.Machine, error) {
 	}
 	m := provider.Machine{ProviderID: id, MachineID: labels[LabelMachine], Fleet: labels[LabelFleet],
 		Address: labels[LabelAddress], LSPMURL: labels[LabelLSPMURL], CreatedAt: created}
-	if m.MachineID == "" || m.Address == "" || m.LSPMURL == "" {
-		return provider.Machine{}, errors.New("machine, address or LSPM URL label missing")
+	if !validID.MatchString(m.MachineID) {
+		return provider.Machine{}, fmt.Errorf("label %s: invalid machine id %q", LabelMachine, m.MachineID)
+	}
+	addr, err := netip.ParseAddr(m.Address)
+	if err != nil || !addr.Is4() || !addr.IsLoopback() || addr.String() != m.Address {
+		return provider.Machine{}, fmt.Errorf("label %s: %q is not an IPv4 loopback address", LabelAddress, m.Address)
+	}
+	hostPort, ok := strings.CutPrefix(m.LSPMURL, "http://")
+	ap, err := netip.ParseAddrPort(hostPort)
+	if !ok || err != nil || ap.Addr() != addr || ap.Port() == 0 || ap.String() != hostPort {
+		return provider.Machine{}, fmt.Errorf("label %s: %q is not http://%s:PORT", LabelLSPMURL, m.LSPMURL, m.Address)
 	}
 	return m, nil
 }

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -441,6 +442,64 @@ func TestCreateHonoursContext(t *testing.T) {
 		t.Fatal("Create did not return when its context ended")
 	}
 	<-d.slots
+}
+
+// TestMachineOfLabels: labels a VMM did not write are not believed.
+func TestMachineOfLabels(t *testing.T) {
+	good := map[string]string{LabelMachine: "m-1", LabelFleet: "f", LabelAddress: "127.0.1.5",
+		LabelLSPMURL: "http://127.0.1.5:7701", LabelCreated: "2025-01-02T03:04:05.5Z"}
+	m, err := machineOf("id", good)
+	if err != nil || m.MachineID != "m-1" || m.Address != "127.0.1.5" || m.LSPMURL != "http://127.0.1.5:7701" || m.Fleet != "f" || m.ProviderID != "id" {
+		t.Fatalf("machineOf(good) = %+v, %v", m, err)
+	}
+	for name, c := range map[string][2]string{
+		"no created":          {LabelCreated, ""},
+		"no machine":          {LabelMachine, ""},
+		"machine id path":     {LabelMachine, "../m"},
+		"address elsewhere":   {LabelAddress, "10.0.0.1"},
+		"address a name":      {LabelAddress, "localhost"},
+		"address ipv6":        {LabelAddress, "::1"},
+		"lspm elsewhere":      {LabelLSPMURL, "http://evil.example:7701"},
+		"lspm other address":  {LabelLSPMURL, "http://127.0.1.6:7701"},
+		"lspm with a path":    {LabelLSPMURL, "http://127.0.1.5:7701/x"},
+		"lspm with userinfo":  {LabelLSPMURL, "http://u@127.0.1.5:7701"},
+		"lspm https":          {LabelLSPMURL, "https://127.0.1.5:7701"},
+		"lspm no port":        {LabelLSPMURL, "http://127.0.1.5"},
+		"lspm port 0":         {LabelLSPMURL, "http://127.0.1.5:0"},
+		"lspm leading zeroes": {LabelLSPMURL, "http://127.0.1.5:07701"},
+	} {
+		bad := map[string]string{}
+		for k, v := range good {
+			bad[k] = v
+		}
+		bad[c[0]] = c[1]
+		if m, err := machineOf("id", bad); err == nil {
+			t.Errorf("%s: machineOf accepted %v as %+v", name, bad, m)
+		}
+	}
+}
+
+// FuzzMachineOf: whatever a container's labels say, machineOf refuses
+// them or returns a machine on an IPv4 loopback address whose LSPM is on
+// that address.
+func FuzzMachineOf(f *testing.F) {
+	f.Add("m-1", "127.0.1.5", "http://127.0.1.5:7701", "2025-01-02T03:04:05Z")
+	f.Add("m-1", "127.0.1.5", "http://127.0.1.5:7701@evil:80", "2025-01-02T03:04:05Z")
+	f.Add("m", "127.000.1.5", "http://[::ffff:127.0.1.5]:1", "2025-01-02T03:04:05Z")
+	f.Fuzz(func(t *testing.T, machine, address, lspm, created string) {
+		m, err := machineOf("id", map[string]string{LabelMachine: machine, LabelAddress: address, LabelLSPMURL: lspm, LabelCreated: created})
+		if err != nil {
+			return
+		}
+		a, err := netip.ParseAddr(m.Address)
+		if err != nil || !a.Is4() || !a.IsLoopback() || !validID.MatchString(m.MachineID) {
+			t.Fatalf("accepted machine %q on %q", m.MachineID, m.Address)
+		}
+		u, err := url.Parse(m.LSPMURL)
+		if err != nil || u.Scheme != "http" || u.Hostname() != m.Address || u.User != nil || u.Path != "" || u.RawQuery != "" || u.Port() == "" {
+			t.Fatalf("accepted LSPM URL %q for address %q", m.LSPMURL, m.Address)
+		}
+	})
 }
 
 // plainImage builds an image that is not dedi's (no manifest label).

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"reflect"
 	"strconv"
 	"strings"
@@ -869,5 +870,64 @@ func TestAgonesReadyWhileStopping(t *testing.T) {
 	}
 	if s := gsState(e.gameServer(t)); s != "Unhealthy" {
 		t.Fatalf("GameServer state %q, want Unhealthy", s)
+	}
+}
+
+// TestCheckPeerSession: a process the game started (here a shell of the
+// game's session holding the socket, not the game itself) passes the check
+// through the session; the same connection is refused for another game's
+// session.
+func TestCheckPeerSession(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	// The "shim": a session leader; its child "game" sleeps, and the
+	// leader itself (another process of the session) holds the socket.
+	cmd := exec.Command("bash", "-c", "sleep 60 & exec 3<>/dev/tcp/127.0.0.1/"+strconv.Itoa(port)+"; echo $!; wait")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); _ = cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	game, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gameStart, err := procStartTime(game)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sc net.Conn
+	select {
+	case sc = <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the shell did not connect")
+	}
+	if sc == nil {
+		t.Fatal("accept failed")
+	}
+	defer sc.Close()
+	if err := (peerOwner{pid: game, start: gameStart, session: cmd.Process.Pid}).checkPeer(sc); err != nil {
+		t.Fatalf("a process of the game's session was refused: %v", err)
+	}
+	other := sleeper(t) // another process tree, in the test's session
+	if err := (peerOwner{pid: other.pid, start: other.start, session: other.pid}).checkPeer(sc); err == nil {
+		t.Fatal("another game's tree was let use this connection")
 	}
 }

@@ -168,13 +168,23 @@ func TestDockerFleet(t *testing.T) {
 	// through the provider (it keeps no state but the labels) and keeps
 	// the machine, whose game kept serving.
 	v.kill9()
+	restarted := time.Now()
 	v.start()
 	if got := udpEcho(t, p.Address, p.Ports["game"], "again"); got != "again" {
 		t.Fatalf("echo after the VMM restart = %q", got)
 	}
-	time.Sleep(time.Second) // the reconciliation with the provider's List, and reports
-	if again := v.machines(t, "dock"); len(again) != 1 || again[0].State != api.MachineReady || again[0].ProviderID != ms[0].ProviderID {
-		t.Fatalf("machines after the VMM restart %+v, want %s ready", again, ms[0].ID)
+	// The restarted VMM applies a report of the machine it listed again
+	// (its reconciliation ran before: it starts with the server).
+	var again []api.Machine
+	eventually(t, 10*time.Second, "a report applied by the restarted VMM", func() bool {
+		again = v.machines(t, "dock")
+		return len(again) == 1 && again[0].LastReportAt != nil && again[0].LastReportAt.After(restarted)
+	})
+	if again[0].State != api.MachineReady || again[0].ProviderID != ms[0].ProviderID || again[0].Address != ms[0].Address {
+		t.Fatalf("machine after the VMM restart %+v, want %s ready on %s", again[0], ms[0].ID, ms[0].Address)
+	}
+	if ids := dockerContainers(t, instance); len(ids) != 1 || !strings.HasPrefix(ms[0].ProviderID, ids[0]) {
+		t.Fatalf("containers of the instance after the VMM restart %v, want the machine's %s", ids, ms[0].ProviderID)
 	}
 	if got := v.process(t, p.ID); got.State != api.StateReady {
 		t.Fatalf("process after the VMM restart is %s", got.State)

@@ -33,8 +33,8 @@ import (
 	"dedi.dev/dedi/internal/provider/providertest"
 )
 
-// These tests use the loopback addresses 127.0.2.1-127.0.2.42 and the
-// ports 20000-24199 (see testConfig), clear of the local provider's tests
+// These tests use the loopback addresses 127.0.2.1-127.0.2.43 and the
+// ports 20000-24299 (see testConfig), clear of the local provider's tests
 // and of test/e2e.
 
 var (
@@ -414,6 +414,46 @@ func TestCreateErrors(t *testing.T) {
 			t.Errorf("Delete(%q): %v", id, err)
 		}
 	}
+}
+
+// TestCreateRaceForOneSlot: two providers (two VMMs on one engine) that
+// race for the same single slot: one gets it, the other has no capacity,
+// and no container is left of the loser.
+func TestCreateRaceForOneSlot(t *testing.T) {
+	needDocker(t)
+	t.Parallel()
+	cfgA, cfgB := testConfig(t, "race-a", 42, 1), testConfig(t, "race-b", 42, 1)
+	checkNoneLeft(t, cfgA)
+	checkNoneLeft(t, cfgB)
+	vmm := newFakeVMM(t)
+	ds := []*Docker{newDocker(t, cfgA), newDocker(t, cfgB)}
+	specs := []provider.Spec{vmm.spec(t, "m-race-a", "f"), vmm.spec(t, "m-race-b", "f")}
+	ms, errs := make([]provider.Machine, 2), make([]error, 2)
+	var wg sync.WaitGroup
+	for i := range ds {
+		wg.Go(func() { ms[i], errs[i] = ds[i].Create(t.Context(), specs[i]) })
+	}
+	wg.Wait()
+	won := -1
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			t.Cleanup(func() { _ = ds[i].Delete(context.Background(), ms[i].ProviderID) })
+			if won >= 0 {
+				t.Fatalf("both providers created a machine on %s and %s", ms[0].Address, ms[1].Address)
+			}
+			won = i
+		case !errors.Is(err, provider.ErrNoCapacity):
+			t.Errorf("provider %d: Create = %v, want success or ErrNoCapacity", i, err)
+		}
+	}
+	if won < 0 {
+		t.Fatalf("neither provider got the slot: %v", errs)
+	}
+	if lost, _ := ds[1-won].List(t.Context(), ""); len(lost) != 0 {
+		t.Errorf("the provider that lost the race lists %+v", lost)
+	}
+	waitHealthy(t, ms[won])
 }
 
 // TestCreateHonoursContext: a Create waiting for another's slot choice

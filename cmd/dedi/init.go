@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -50,7 +51,7 @@ func runInit(args []string, stderr io.Writer) error {
 		log.Error("boot failed; powering off", "err", err)
 		powerOff()
 	}
-	log.Info("booted", "took", time.Since(start).Round(time.Millisecond))
+	log.Info("booted", "took", time.Since(start).Round(time.Millisecond), "uptime", uptime())
 	superviseLSPM(log)
 	return nil // not reached
 }
@@ -241,6 +242,16 @@ func superviseLSPM(log *slog.Logger) {
 		time.Sleep(backoff)
 		backoff = min(2*backoff, 30*time.Second)
 	}
+}
+
+// uptime is the time since the kernel started, from /proc/uptime.
+func uptime() string {
+	raw, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return "?"
+	}
+	f, _, _ := strings.Cut(string(raw), " ")
+	return f + "s"
 }
 
 func exitStatus(ws unix.WaitStatus) string {

@@ -17,6 +17,7 @@ import (
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/docker"
 	"dedi.dev/dedi/internal/provider/local"
+	"dedi.dev/dedi/internal/provider/qemu"
 	"dedi.dev/dedi/internal/provider/sim"
 	"dedi.dev/dedi/internal/vmm"
 )
@@ -30,6 +31,7 @@ type vmmFlags struct {
 	portBase int
 	simDir   string // --sim-provider-dir: the sim provider, for load tests
 	docker   docker.Config
+	qemu     qemu.Config
 }
 
 func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
@@ -46,6 +48,14 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.IntVar(&f.docker.Machines, "docker-machines", 100, "the most machines the docker provider runs at once")
 	fs.IntVar(&f.docker.PortBase, "docker-port-base", 10000, "the docker provider's first game port (100 per machine)")
 	fs.StringVar(&f.docker.Instance, "docker-instance", "", "labels this VMM's containers apart from other VMMs' on the engine (default: from --data-dir)")
+	fs.StringVar(&f.qemu.Binary, "qemu-binary", "qemu-system-x86_64", "the qemu provider's emulator")
+	fs.StringVar(&f.qemu.Accel, "qemu-accel", "auto", "the qemu provider's accelerator: auto (KVM if a probe boot works, else TCG), kvm or tcg")
+	fs.IntVar(&f.qemu.MemoryMiB, "qemu-memory", 256, "memory of each qemu VM, MiB")
+	fs.IntVar(&f.qemu.CPUs, "qemu-cpus", 1, "vCPUs of each qemu VM")
+	fs.IntVar(&f.qemu.FirstHost, "qemu-first-host", 10, "the qemu provider's first machine address is 127.0.0.N")
+	fs.IntVar(&f.qemu.LastHost, "qemu-last-host", 250, "the qemu provider's last machine address is 127.0.0.N")
+	fs.IntVar(&f.qemu.PortBase, "qemu-port-base", 30000, "the qemu provider's first game port")
+	fs.IntVar(&f.qemu.PortsPerMachine, "qemu-ports-per-machine", 100, "game ports forwarded to each qemu VM (TCP and UDP)")
 	fs.StringVar(&f.simDir, "sim-provider-dir", "", "load tests only: add the simulated provider \"sim\" over DIR (test/loadgen)")
 }
 
@@ -83,6 +93,13 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 		return nil, nil, nil, err
 	}
 	f.cfg.Providers["docker"] = dk
+	f.qemu.Dir, f.qemu.Logger = filepath.Join(dir, "qemu"), log
+	qm, err := qemu.New(f.qemu) // runs no qemu until a qemu fleet needs a machine
+	if err != nil {
+		loc.Close()
+		return nil, nil, nil, err
+	}
+	f.cfg.Providers["qemu"] = qm
 	if f.simDir != "" {
 		f.cfg.Providers["sim"] = sim.New(f.simDir)
 	}

@@ -15,6 +15,8 @@
 // It owns the state dir Config.Dir:
 //
 //	DIR/lock                          serializes the choice of N between providers on DIR
+//	DIR/accel.json                    the KVM probe's result, for this host boot
+//	DIR/cache/<key>.cpio              an image's initramfs, unpacked once for all its machines
 //	DIR/machines/<id>/machine.json    the machine: id, fleet, N, ports, image, qemu's pid and start time
 //	DIR/machines/<id>/token           its machine token (0600), for the drain on Delete
 //	DIR/machines/<id>/initrd          the image's initramfs + the machine's config (0600), removed once qemu has read it
@@ -30,6 +32,9 @@ package qemu
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
 	"context"
 	"encoding/json"
 	"errors"
@@ -49,6 +54,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -328,7 +334,7 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 		gc := image.GuestConfig{MachineID: spec.MachineID, Token: spec.Token, VMMURL: vmmURL, Address: addr,
 			LSPMPort: q.cfg.LSPMPort, PortMin: lo, PortMax: hi, MaxProcesses: spec.MaxProcesses,
 			ReportInterval: spec.ReportInterval, Command: spec.Command, Allow: spec.Allow, IP: guestIP, Gateway: gatewayIP}
-		if err := writeInitrd(filepath.Join(dir, initrdFile), filepath.Join(imgDir, image.QEMUInitramfsFile), gc); err != nil {
+		if err := q.writeInitrd(filepath.Join(dir, initrdFile), imgDir, gc); err != nil {
 			return rec, err
 		}
 		err = q.startQEMU(ctx, dir, imgDir, accel, rec)
@@ -358,14 +364,19 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 	}
 }
 
-// writeInitrd writes the image's initramfs followed by the machine's
-// config cpio, readable only by this user.
-func writeInitrd(dst, imageInitramfs string, gc image.GuestConfig) error {
+// writeInitrd writes the machine's initrd: the image's initramfs,
+// unpacked (the guest boots faster without inflating it), followed by the
+// machine's config cpio; readable only by this user.
+func (q *QEMU) writeInitrd(dst, imgDir string, gc image.GuestConfig) error {
 	extra, err := image.MachineInitramfs(gc)
 	if err != nil {
 		return err
 	}
-	in, err := os.Open(imageInitramfs)
+	plain, err := q.plainInitramfs(imgDir)
+	if err != nil {
+		return err
+	}
+	in, err := os.Open(plain)
 	if err != nil {
 		return err
 	}
@@ -374,8 +385,7 @@ func writeInitrd(dst, imageInitramfs string, gc image.GuestConfig) error {
 	if err != nil {
 		return err
 	}
-	// io.Copy between files uses copy_file_range: a reflink or an
-	// in-kernel copy.
+	// io.Copy between files uses copy_file_range: an in-kernel copy.
 	if _, err := io.Copy(out, in); err != nil {
 		out.Close()
 		return err
@@ -385,6 +395,62 @@ func writeInitrd(dst, imageInitramfs string, gc image.GuestConfig) error {
 		return err
 	}
 	return out.Close()
+}
+
+// plainInitramfs returns the image's initramfs unpacked, from
+// DIR/cache, unpacking it on first use. The cache key is the image dir
+// and the file's identity, so a rebuilt image is unpacked again (and
+// replaces its older entry). The caller holds the dir lock.
+func (q *QEMU) plainInitramfs(imgDir string) (string, error) {
+	src := filepath.Join(imgDir, image.QEMUInitramfsFile)
+	st, err := os.Stat(src)
+	if err != nil {
+		return "", err
+	}
+	var ino uint64
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		ino = sys.Ino
+	}
+	dirKey := sha256.Sum256([]byte(imgDir))
+	fileKey := sha256.Sum256(fmt.Appendf(nil, "%d %d %d", st.Size(), st.ModTime().UnixNano(), ino))
+	prefix := hex.EncodeToString(dirKey[:8]) + "-"
+	cacheDir := filepath.Join(q.cfg.Dir, "cache")
+	dst := filepath.Join(cacheDir, prefix+hex.EncodeToString(fileKey[:8])+".cpio")
+	if _, err := os.Stat(dst); err == nil {
+		return dst, nil
+	}
+	if err := os.MkdirAll(cacheDir, 0o700); err != nil {
+		return "", err
+	}
+	old, _ := filepath.Glob(filepath.Join(cacheDir, prefix+"*"))
+	in, err := os.Open(src)
+	if err != nil {
+		return "", err
+	}
+	defer in.Close()
+	zr, err := gzip.NewReader(bufio.NewReaderSize(in, 1<<20))
+	if err != nil {
+		return "", fmt.Errorf("initramfs %s: %w", src, err)
+	}
+	tmp, err := os.CreateTemp(cacheDir, ".unpack-")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, zr); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("initramfs %s: %w", src, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp.Name(), dst); err != nil {
+		return "", err
+	}
+	for _, o := range old {
+		_ = os.Remove(o)
+	}
+	return dst, nil
 }
 
 // errForwardBusy is qemu failing to bind a host forward.
@@ -500,37 +566,56 @@ func guestURL(raw string) (string, error) {
 }
 
 // decideAccel returns the accelerator: the configured one, or for
-// "auto" the result of a probe made once: KVM when /dev/kvm opens and a
-// kernel boots under it (on some hosts, nested ones, KVM is there but
-// the guest hangs), else TCG. The caller holds q.mu.
+// "auto" the result of a probe made once per host boot (kept in
+// DIR/accel.json): KVM when /dev/kvm opens and a kernel boots under it
+// (on some hosts, nested ones, KVM is there but the guest hangs), else
+// TCG. The caller holds q.mu.
 func (q *QEMU) decideAccel(ctx context.Context, kernel string) (string, error) {
 	if q.accel != "" {
 		return q.accel, nil
 	}
-	q.accel = "tcg"
 	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
 		q.log.Info("no usable /dev/kvm; VMs run under TCG (slower)", "err", err)
+		q.accel = "tcg"
 		return q.accel, nil
 	} else {
 		f.Close()
 	}
-	start := time.Now()
-	if err := q.probeKVM(ctx, kernel); err != nil {
-		if ctx.Err() != nil {
-			q.accel = ""
-			return "", ctx.Err()
-		}
-		q.log.Warn("KVM is present but a probe boot failed; VMs run under TCG (slower)", "err", err, "took", time.Since(start).Round(time.Millisecond))
+	type probed struct {
+		BootID string `json:"bootId"`
+		Binary string `json:"binary"`
+		Accel  string `json:"accel"`
+	}
+	cache := filepath.Join(q.cfg.Dir, "accel.json")
+	bootID, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	want := probed{BootID: strings.TrimSpace(string(bootID)), Binary: q.cfg.Binary}
+	var got probed
+	if raw, err := os.ReadFile(cache); err == nil && json.Unmarshal(raw, &got) == nil &&
+		got.BootID == want.BootID && got.Binary == want.Binary && (got.Accel == "kvm" || got.Accel == "tcg") {
+		q.accel = got.Accel
 		return q.accel, nil
 	}
-	q.accel = "kvm"
-	q.log.Info("VMs run under KVM", "probe", time.Since(start).Round(time.Millisecond))
+	start := time.Now()
+	want.Accel = "kvm"
+	if err := q.probeKVM(ctx, kernel); err != nil {
+		if ctx.Err() != nil {
+			return "", ctx.Err()
+		}
+		want.Accel = "tcg"
+		q.log.Warn("KVM is present but a probe boot failed; VMs run under TCG (slower)", "err", err, "took", time.Since(start).Round(time.Millisecond))
+	} else {
+		q.log.Info("VMs run under KVM", "probe", time.Since(start).Round(time.Millisecond))
+	}
+	q.accel = want.Accel
+	if raw, err := json.Marshal(want); err == nil && want.BootID != "" {
+		_ = os.WriteFile(cache, raw, 0o600)
+	}
 	return q.accel, nil
 }
 
 // probeTimeout bounds the KVM probe; a kernel prints its banner within
 // a fraction of a second under KVM.
-const probeTimeout = 3 * time.Second
+const probeTimeout = 2 * time.Second
 
 // probeKVM boots kernel under KVM with no initrd and waits for its
 // banner on the serial console.

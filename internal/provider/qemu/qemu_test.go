@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -29,8 +28,9 @@ import (
 )
 
 // The tests boot real VMs from an image of dedi's echo example, built
-// once in TestMain. They use the loopback addresses 127.0.0.150-169 and
-// game ports 46000-46199 (10 per machine).
+// once in TestMain. They use the loopback addresses 127.0.0.170-179 and
+// game ports 42000-42099 (10 per machine); test/e2e's qemu tests use
+// 127.0.0.180-189 and 42100-42199.
 
 var (
 	imageRef string // qemu:/... built in TestMain
@@ -85,8 +85,8 @@ func needVMs(t *testing.T) {
 }
 
 func testConfig(t *testing.T, dir string) Config {
-	return Config{Dir: dir, Accel: "tcg", MemoryMiB: 256, FirstHost: 150, LastHost: 169, LSPMPort: 7701,
-		PortBase: 46000, PortsPerMachine: 10, Logger: testLogger(t)}
+	return Config{Dir: dir, Accel: "tcg", MemoryMiB: 256, FirstHost: 170, LastHost: 179, LSPMPort: 7701,
+		PortBase: 42000, PortsPerMachine: 10, Logger: testLogger(t)}
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -211,4 +211,3 @@ func TestProviderContract(t *testing.T) {
 	providertest.Run(t, func(t *testing.T) provider.Provider { return newQEMU(t, dir) }, vmm.spec)
 }
 
-var _ = net.Dial

@@ -95,6 +95,13 @@ type agonesState struct {
 
 	termSent bool          // SIGTERM sent after Shutdown (by this LSPM run)
 	watch    chan struct{} // closed and replaced on every change
+	// awaitPing is set on a process this LSPM run adopted: its health is
+	// not judged until its first ping. A gRPC Health stream breaks with
+	// the old LSPM and the official SDKs (Go, Node.js, Rust) never reopen
+	// it, so judging by it would kill every such game after each LSPM
+	// restart; a game that pings again (REST, or a reopened stream) is
+	// judged again from that ping.
+	awaitPing bool
 }
 
 func newAgonesState(httpPort, grpcPort int) *agonesState {
@@ -332,11 +339,17 @@ func (s *agonesServer) Shutdown() error {
 // ready the LSPM lost in a crash; an Agones ping must not).
 func (s *agonesServer) Health() error {
 	return s.do(func(t *table, p *proc) error {
-		if p.view.State != api.StateStarting {
-			t.heartbeat(p, api.Heartbeat{})
-		}
+		t.agonesPing(p)
 		return nil
 	})
+}
+
+// agonesPing applies one Agones health ping on the loop.
+func (t *table) agonesPing(p *proc) {
+	if p.view.State != api.StateStarting {
+		p.agones.awaitPing = false
+		t.heartbeat(p, api.Heartbeat{})
+	}
 }
 
 // GameServer returns the process's GameServer and a channel that closes at

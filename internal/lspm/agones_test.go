@@ -931,3 +931,50 @@ func TestCheckPeerSession(t *testing.T) {
 		t.Fatal("another game's tree was let use this connection")
 	}
 }
+
+// TestAgonesAdoptedHealth: after an LSPM restart, the official SDKs' Health
+// stream is gone and never reopened; an adopted Agones process is not
+// judged unhealthy by its silence until it pings again, and from that ping
+// it is judged as before. A dedi process is judged at once.
+func TestAgonesAdoptedHealth(t *testing.T) {
+	tb, clk := newTestTable(t)
+	for _, id := range []string{"ag", "dd"} {
+		req := api.SpawnRequest{}
+		if id == "ag" {
+			req.SDK = api.SDKAgones
+		}
+		plan, err := tb.reserve(id, req, []string{"sleep"}, "h-"+id, []string{"game"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(plan.dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		tb.commit(id, sleeper(t))
+		tb.ready(tb.live[id])
+	}
+	tb.a.persist.flush()
+
+	// The restart.
+	tb2 := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
+	tb.a.table = tb2
+	if _, err := tb2.load(); err != nil {
+		t.Fatal(err)
+	}
+	clk.Advance(time.Minute) // far past period × threshold
+	tb2.checkHealth()
+	if r := tb2.live["dd"].stopReason; r != api.ReasonUnhealthy {
+		t.Fatalf("silent adopted dedi process: stop reason %q, want unhealthy", r)
+	}
+	ag := tb2.live["ag"]
+	if ag.stopReason != "" {
+		t.Fatalf("adopted Agones process without a ping since the restart stopped: %q", ag.stopReason)
+	}
+	// A ping: judged again from there.
+	tb2.agonesPing(ag)
+	clk.Advance(time.Minute)
+	tb2.checkHealth()
+	if ag.stopReason != api.ReasonUnhealthy {
+		t.Fatalf("adopted Agones process silent after its ping: stop reason %q, want unhealthy", ag.stopReason)
+	}
+}

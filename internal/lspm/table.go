@@ -149,6 +149,7 @@ func (t *table) load() ([]*proc, error) {
 			agones: rec.Agones}
 		if p.agones != nil {
 			p.agones.watch = make(chan struct{})
+			p.agones.awaitPing = true // agones.go
 		}
 		p.period, p.threshold, p.startTimeout = t.a.healthOf(p.view.Health)
 		if api.IsTerminal(p.view.State) {
@@ -499,6 +500,9 @@ func (t *table) checkHealth() {
 			if now.Sub(p.startClock) > p.startTimeout {
 				t.stop(p, api.ReasonUnhealthy, fmt.Sprintf("not ready within the start timeout of %s", p.startTimeout), t.a.cfg.Grace)
 			}
+		case p.agones != nil && p.agones.awaitPing:
+			// Adopted, and no Agones ping since: its stream may be gone
+			// for good (agones.go).
 		default:
 			limit := p.period * time.Duration(p.threshold)
 			if silent := now.Sub(p.lastBeat); silent > limit {

@@ -371,3 +371,56 @@ func sameJSON(a, b string) bool {
 	jb, _ := json.Marshal(vb)
 	return string(ja) == string(jb)
 }
+
+// TestAgonesSurvivesRestart: games on the official Agones SDKs with nothing
+// added for dedi outlive a kill -9 and restart of the LSPM instead of being
+// judged unhealthy by the silence of a health stream that broke with it,
+// and their unary calls (shutdown) reach the new LSPM. The Go SDK never
+// reopens its stream; the Node.js SDK's grpc-js replays it. The LSPMs are
+// on 127.0.0.246 and .247, ports 43200-43399.
+func TestAgonesSurvivesRestart(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name, host string
+		lo         int
+		node       bool
+	}{{"go-sdk", "127.0.0.246", 43200, false}, {"node-sdk", "127.0.0.247", 43300, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			control := filepath.Join(t.TempDir(), "control.json")
+			writeControl(t, control, fakegame.Control{})
+			var l *lspm
+			var req api.SpawnRequest
+			if c.node {
+				node, dir := agonesNode(t)
+				l = startHostLSPM(t, c.host, c.lo, node)
+				req = api.SpawnRequest{Command: []string{node, filepath.Join(dir, "plain-health.mjs")}, Env: map[string]string{}}
+			} else {
+				l = startHostLSPM(t, c.host, c.lo, "")
+				req = fake("-driver", "agones-grpc-go-plain")
+			}
+			req.SDK = api.SDKAgones
+			req.Env[fakegame.EnvControl] = control
+			// Silence beyond 2 × 1 s is unhealthy.
+			req.Health = &api.Health{PeriodSeconds: 1, FailureThreshold: 2, StartTimeoutSeconds: 30}
+			p := l.spawn(t, req)
+			l.waitState(t, p.ID, 30*time.Second, api.StateReady)
+			l.waitLog(t, p.ID, "plain: ready", 10*time.Second)
+
+			l.kill9()
+			l.start()
+			// Watch it for twice the failure window: it must stay ready.
+			for until := time.Now().Add(4 * time.Second); time.Now().Before(until); time.Sleep(100 * time.Millisecond) {
+				if v := l.get(t, p.ID); v.State != api.StateReady || v.PID != p.PID {
+					t.Fatalf("after the LSPM restart: state %s pid %d (want ready, pid %d); output:\n%s", v.State, v.PID, p.PID, l.logsOf(t, p.ID))
+				}
+			}
+			writeControl(t, control, fakegame.Control{Shutdown: true})
+			end := l.waitState(t, p.ID, 20*time.Second, api.StateExited, api.StateCrashed, api.StateKilled, api.StateUnhealthy)
+			if end.State != api.StateExited || end.Exit == nil || end.Exit.Code == nil || *end.Exit.Code != 0 {
+				t.Fatalf("after shutdown: %s %+v; output:\n%s", end.State, end.Exit, l.logsOf(t, p.ID))
+			}
+			l.waitLog(t, p.ID, "plain: shutdown", 5*time.Second)
+		})
+	}
+}

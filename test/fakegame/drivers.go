@@ -10,6 +10,12 @@ package fakegame
 //   - agones-rest-docs: makes the calls Agones' REST documentation shows,
 //     one after the other, printing "docs: METHOD PATH STATUS BODY" for
 //     each, then pings health until the control file says shutdown.
+//   - agones-grpc-go-plain: uses Agones' gRPC SDK the way the official Go
+//     SDK (agones.dev/agones/sdks/go) does: one connection to
+//     localhost:$AGONES_SDK_GRPC_PORT, one Health stream opened at start
+//     and never reopened, ready, a ping every 100 ms, and shutdown (with
+//     retries) when the control file says so. Prints "plain: ready" and
+//     "plain: shutdown".
 
 import (
 	"bufio"
@@ -27,6 +33,10 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"dedi.dev/dedi/internal/agonespb"
 	sdk "dedi.dev/dedi/sdk/go"
 )
 
@@ -70,6 +80,8 @@ func runDriver(name string, stdout, stderr io.Writer) int {
 		return agonesRESTConformance(ctx, control, stdout, stderr)
 	case "agones-rest-docs":
 		return agonesRESTDocs(ctx, control, stdout, stderr)
+	case "agones-grpc-go-plain":
+		return agonesGRPCGoPlain(ctx, control, stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "driver: unknown driver %q\n", name)
 	return 2
@@ -318,6 +330,53 @@ func agonesRESTDocs(ctx context.Context, control string, stdout, stderr io.Write
 			return 0
 		}
 		if _, err := c.ok(ctx, "POST", "/health", "{}"); err != nil {
+			fmt.Fprintln(stderr, "driver: health:", err)
+		}
+	}
+}
+
+// agonesGRPCGoPlain behaves as a game on the official Agones Go SDK: its
+// NewSDK dials localhost and opens the Health stream once; Health() sends
+// on that stream and never reopens it.
+func agonesGRPCGoPlain(ctx context.Context, control string, stdout, stderr io.Writer) int {
+	conn, err := grpc.NewClient("localhost:"+os.Getenv("AGONES_SDK_GRPC_PORT"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fmt.Fprintln(stderr, "driver:", err)
+		return 2
+	}
+	defer conn.Close()
+	client := agonespb.NewSDKClient(conn)
+	health, err := client.Health(ctx)
+	if err != nil {
+		fmt.Fprintln(stderr, "driver: health stream:", err)
+		return 1
+	}
+	if _, err := client.Ready(ctx, &agonespb.Empty{}, grpc.WaitForReady(true)); err != nil {
+		fmt.Fprintln(stderr, "driver: ready:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, "plain: ready")
+	var ctl Control
+	t := time.NewTicker(driverTick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-t.C:
+		}
+		if ctl = readControl(control, ctl); ctl.Shutdown {
+			call, cancel := context.WithTimeout(ctx, time.Second)
+			_, err := client.Shutdown(call, &agonespb.Empty{})
+			cancel()
+			if err != nil {
+				fmt.Fprintln(stderr, "driver: shutdown:", err)
+				continue
+			}
+			fmt.Fprintln(stdout, "plain: shutdown")
+			return 0
+		}
+		if err := health.Send(&agonespb.Empty{}); err != nil {
 			fmt.Fprintln(stderr, "driver: health:", err)
 		}
 	}

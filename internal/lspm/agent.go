@@ -496,11 +496,7 @@ func (a *Agent) adopt(p *proc) {
 	a.watch(id, dir, l.shimPID, l.shimStart, l)
 	if p.agones != nil {
 		// The game has the ports in its environment: serve them again.
-		if ls, err := listenAgones(p.agones); err != nil {
-			a.log.Error("serve the Agones SDK of a re-adopted process", "process", id, "err", err)
-		} else {
-			a.serveAgones(p, ls, ownerOf(p))
-		}
+		a.readoptAgones(p)
 	}
 	if p.stopReason != "" {
 		grace := a.cfg.Grace

@@ -670,6 +670,57 @@ func ownerOf(p *proc) peerOwner {
 	return peerOwner{pid: p.view.PID, start: p.start, session: p.shimPID}
 }
 
+// readoptAgones serves the Agones SDK of a process a previous LSPM started,
+// on the ports the game has in its environment. When they cannot be bound
+// (something took them while no LSPM held them), it tries again every
+// agonesRebindEvery until it can or the process ends: the game keeps its
+// ports for life, so there is nowhere else to serve them. It must be called
+// from Run before it serves, or from the loop.
+func (a *Agent) readoptAgones(p *proc) {
+	ls, err := listenAgones(p.agones)
+	if err == nil {
+		a.serveAgones(p, ls, ownerOf(p))
+		return
+	}
+	id, done := p.view.ID, p.done
+	ports := &agonesState{HTTPPort: p.agones.HTTPPort, GRPCPort: p.agones.GRPCPort}
+	a.log.Error("serve the Agones SDK of a re-adopted process; retrying", "process", id, "err", err)
+	a.goOwned(func(ctx context.Context) {
+		tick := a.clock.NewTicker(agonesRebindEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-tick.C():
+			}
+			ls, err := listenAgones(ports)
+			if err != nil {
+				continue
+			}
+			served := false
+			_ = a.do(func(t *table) {
+				if q := t.live[id]; q == p && q.agones != nil {
+					a.serveAgones(q, ls, ownerOf(q))
+					served = true
+				}
+			})
+			if !served {
+				ls.close()
+			} else {
+				a.log.Info("serving the Agones SDK of a re-adopted process again", "process", id)
+			}
+			return
+		}
+	})
+}
+
+// agonesRebindEvery is how often a re-adopted process's Agones ports are
+// tried again while something else holds them.
+const agonesRebindEvery = time.Second
+
 // serveAgones serves a process's Agones SDK on its bound listeners until
 // the process ends (done closes) or the LSPM stops. It must be called from
 // the loop, or from Run before it serves (goroutines join a.wg).

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"strconv"
 	"strings"
@@ -976,5 +977,88 @@ func TestAgonesAdoptedHealth(t *testing.T) {
 	tb2.checkHealth()
 	if ag.stopReason != api.ReasonUnhealthy {
 		t.Fatalf("adopted Agones process silent after its ping: stop reason %q, want unhealthy", ag.stopReason)
+	}
+}
+
+// TestAgonesReadoptRebinds: a restarted LSPM that finds a re-adopted
+// process's Agones port taken (something bound it while no LSPM held it)
+// serves it as soon as it is free again, instead of never.
+func TestAgonesReadoptRebinds(t *testing.T) {
+	clk := clock.NewFake(time.Now().UTC())
+	cfg := Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), MachineID: "m", Insecure: true,
+		PortMin: 47500, PortMax: 47599, ShimPath: "/bin/false", Grace: 5 * time.Second}
+	run := func() (*Agent, func()) {
+		a, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), clk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan struct{})
+		go func() { defer close(ran); _ = a.Run(ctx) }()
+		stop := func() { cancel(); <-ran }
+		t.Cleanup(stop)
+		return a, stop
+	}
+	// The first LSPM starts the game; the sleeper stands in for its shim.
+	a, stop := run()
+	g := sleeper(t)
+	g.shimPID, g.shimStart = g.pid, g.start
+	var plan spawnPlan
+	var rerr error
+	if err := a.do(func(tb *table) {
+		plan, rerr = tb.reserve("p-re", api.SpawnRequest{SDK: api.SDKAgones}, []string{"sleep"}, "hash", []string{"game"})
+	}); err != nil || rerr != nil {
+		t.Fatal(err, rerr)
+	}
+	if err := os.Mkdir(plan.dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.do(func(tb *table) { tb.commit("p-re", g) }); err != nil {
+		t.Fatal(err)
+	}
+	a.persist.flush()
+	stop()
+
+	// While no LSPM runs, something binds the REST port.
+	squat, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(plan.agones.HTTPPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Run writes lspm.addr once it has adopted the processes.
+	addrFile := filepath.Join(cfg.DataDir, "lspm.addr")
+	if err := os.Remove(addrFile); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := run()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(addrFile); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second LSPM did not start")
+		}
+	}
+	if _, err := b.find("p-re"); err != nil {
+		t.Fatalf("not re-adopted: %v", err)
+	}
+	url := "http://127.0.0.1:" + strconv.Itoa(plan.agones.HTTPPort) + "/gameserver"
+	squat.Close()
+	// Tick the retry until the port answers as the gateway (the test is
+	// outside the game's tree: 403 PermissionDenied).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		clk.Advance(agonesRebindEvery)
+		hc := &http.Client{Timeout: time.Second}
+		resp, err := hc.Get(url)
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			gatewayError(t, resp.StatusCode, string(body), 403, codes.PermissionDenied, "process tree")
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the Agones port was not served again once free: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -178,10 +178,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		<-loopExited
 	}()
 
-	for _, p := range a.adopted {
-		a.adopt(p)
-	}
+	// The records read at start are adopted on the loop: its health clock
+	// already runs and owns every proc.
+	adopted := a.adopted
 	a.adopted = nil
+	if err := a.do(func(t *table) {
+		for _, p := range adopted {
+			a.adopt(t, p)
+		}
+	}); err != nil {
+		return err
+	}
 
 	if err := writeFileAtomic(filepath.Join(a.cfg.DataDir, "lspm.addr"), []byte(a.Addr())); err != nil {
 		return err
@@ -484,8 +491,9 @@ func (a *Agent) orphaned(dir string, why error) {
 		"killedRunningGame", killed, "movedTo", dest)
 }
 
-// adopt takes over a game server a previous LSPM started.
-func (a *Agent) adopt(p *proc) {
+// adopt takes over a game server a previous LSPM started; it runs on the
+// loop, which owns p (t is its table).
+func (a *Agent) adopt(t *table, p *proc) {
 	id, dir := p.view.ID, p.dir
 	l := launched{shimPID: p.shimPID, shimStart: p.shimStart, pid: p.view.PID, start: p.start}
 	if _, err := os.Stat(filepath.Join(dir, exitFile)); err == nil || !pidAlive(p.shimPID, p.shimStart) {
@@ -503,8 +511,7 @@ func (a *Agent) adopt(p *proc) {
 		if p.stopReason == api.ReasonMemoryLimit {
 			grace = 0
 		}
-		done := p.done
-		a.post(func(t *table) { t.a.kill(l.pid, l.start, grace, done) })
+		a.kill(l.pid, l.start, grace, p.done)
 	}
 }
 

@@ -32,6 +32,7 @@ func (s *agonesServer) grpcServer() *grpc.Server {
 	gs := grpc.NewServer(
 		grpc.Creds(peerCreds{check: s.owner.checkPeer}),
 		grpc.MaxConcurrentStreams(64),
+		grpc.WaitForHandlers(true), // Stop returns once every handler has: the agent's Close waits for them
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			if err := s.allowed(ctx); err != nil {
 				return nil, err

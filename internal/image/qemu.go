@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path"
 	"path/filepath"
@@ -53,6 +54,9 @@ func buildQEMU(ctx context.Context, o Options, m Manifest) (string, error) {
 func (b qemuBuild) build(ctx context.Context, o Options, m Manifest) (string, error) {
 	if o.OutDir == "" {
 		return "", errors.New("qemu image: no output dir")
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
 	}
 	if sde := os.Getenv("SOURCE_DATE_EPOCH"); sde != "" {
 		// Reproducible builds: the manifest's time is the source's.
@@ -353,7 +357,7 @@ func writeInitramfs(ctx context.Context, dst string, o Options, m Manifest, img 
 	}
 	defer f.Close()
 	bw := bufio.NewWriterSize(f, 1<<20)
-	zw, err := gzip.NewWriterLevel(bw, gzip.BestCompression)
+	zw, err := gzip.NewWriterLevel(bw, gzip.DefaultCompression)
 	if err != nil {
 		return err
 	}

@@ -334,6 +334,7 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 		gc := image.GuestConfig{MachineID: spec.MachineID, Token: spec.Token, VMMURL: vmmURL, Address: addr,
 			LSPMPort: q.cfg.LSPMPort, PortMin: lo, PortMax: hi, MaxProcesses: spec.MaxProcesses,
 			ReportInterval: spec.ReportInterval, Command: spec.Command, Allow: spec.Allow, IP: guestIP, Gateway: gatewayIP}
+		_ = os.Remove(filepath.Join(dir, initrdFile)) // from an attempt on a busy address
 		if err := q.writeInitrd(filepath.Join(dir, initrdFile), imgDir, gc); err != nil {
 			return rec, err
 		}
@@ -841,7 +842,11 @@ func (q *QEMU) drain(ctx context.Context, lspmURL, token string) error {
 	deadline := time.Now().Add(Grace)
 	stopped := false
 	for {
-		code, err := q.call(ctx, http.MethodPost, lspmURL+"/v1/shutdown", token, nil)
+		// A booting guest's forward accepts and then never answers: a
+		// short wait, as a running LSPM answers in milliseconds.
+		hctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
+		code, err := q.call(hctx, http.MethodPost, lspmURL+"/v1/shutdown", token, nil)
+		cancel()
 		if err != nil {
 			return fmt.Errorf("shutdown handshake: %w", err)
 		}

@@ -8,7 +8,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -151,10 +153,12 @@ type fakeVMM struct {
 	mu      sync.Mutex
 	tokens  map[string]string
 	reports map[string]int
+	last    map[string]api.Status
+	ended   map[string]string // process id -> terminal state, from any report
 }
 
 func newFakeVMM(t *testing.T) *fakeVMM {
-	v := &fakeVMM{tokens: map[string]string{}, reports: map[string]int{}}
+	v := &fakeVMM{tokens: map[string]string{}, reports: map[string]int{}, last: map[string]api.Status{}, ended: map[string]string{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/machines/{id}/status", func(w http.ResponseWriter, r *http.Request) {
 		id := r.PathValue("id")
@@ -167,6 +171,12 @@ func newFakeVMM(t *testing.T) *fakeVMM {
 		ok := v.tokens[id] != "" && r.Header.Get("Authorization") == "Bearer "+v.tokens[id] && st.MachineID == id
 		if ok {
 			v.reports[id]++
+			if st.Seq > v.last[id].Seq {
+				v.last[id] = st
+			}
+			for _, p := range st.Ended {
+				v.ended[p.ID] = p.State
+			}
 		}
 		v.mu.Unlock()
 		if !ok {
@@ -187,6 +197,12 @@ func (v *fakeVMM) reportsOf(id string) int {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	return v.reports[id]
+}
+
+func (v *fakeVMM) lastOf(id string) api.Status {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.last[id]
 }
 
 // spec returns a Spec for a machine of the echo image reporting to v.
@@ -211,3 +227,333 @@ func TestProviderContract(t *testing.T) {
 	providertest.Run(t, func(t *testing.T) provider.Provider { return newQEMU(t, dir) }, vmm.spec)
 }
 
+
+// TestMachineLifecycle: a VM boots with its identity from the appended
+// cpio (not on qemu's command line), reports to the VMM with its token,
+// runs the image's echo, answers UDP on its own address through qemu's
+// forward, and Delete drains the game through the LSPM before it powers
+// the VM off and removes every trace.
+func TestMachineLifecycle(t *testing.T) {
+	needVMs(t)
+	dir := t.TempDir()
+	cleanupDir(t, dir)
+	vmm := newFakeVMM(t)
+	q := newQEMU(t, dir)
+	sp := vmm.spec(t, "m-life", "f")
+	m, err := q.Create(t.Context(), sp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := readRecord(q.machineDir(m.ProviderID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(rec.PID) + "/cmdline")
+	if err != nil {
+		t.Fatalf("qemu (pid %d) not running: %v", rec.PID, err)
+	}
+	if bytes.Contains(cmdline, []byte(sp.Token)) || bytes.Contains(cmdline, []byte(vmm.URL)) {
+		t.Errorf("qemu's command line holds the token or the VMM URL: %q", cmdline)
+	}
+	if _, err := os.Stat(filepath.Join(q.machineDir(m.ProviderID), initrdFile)); !os.IsNotExist(err) {
+		t.Errorf("the per-machine initrd (with the token) is kept after boot: %v", err)
+	}
+	waitFor(t, "a status report with the machine's token", func() bool { return vmm.reportsOf(sp.MachineID) > 0 })
+	if hw := vmm.lastOf(sp.MachineID).Hardware; hw.Hostname != sp.MachineID || !strings.HasPrefix(hw.Kernel, "6.") {
+		t.Errorf("reported hardware %+v, want the guest's", hw)
+	}
+
+	var p api.Process
+	if code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{}`, &p); code != http.StatusCreated {
+		t.Fatalf("spawn: %d %s", code, body)
+	}
+	if len(p.Command) == 0 || p.Command[0] != "/opt/game/echo" {
+		t.Errorf("spawned %q, want the image's default command", p.Command)
+	}
+	waitFor(t, "the echo to be ready", func() bool {
+		httpDo(t, http.MethodGet, m.LSPMURL+"/v1/processes/"+p.ID, sp.Token, "", &p)
+		return p.State == api.StateReady
+	})
+	port := p.Ports["game"]
+	if p.Address != m.Address || port < rec.PortMin || port > rec.PortMax {
+		t.Fatalf("echo on %s:%d, want %s with a port of %d-%d", p.Address, port, m.Address, rec.PortMin, rec.PortMax)
+	}
+	if got := udpEcho(t, m.Address, port, "ping"); got != "ping" {
+		t.Fatalf("echo answered %q", got)
+	}
+	// The hash pin: a spawn of anything else is refused.
+	if code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{"command":["/bin/dedi","version"]}`, nil); code != http.StatusForbidden {
+		t.Errorf("spawn of /bin/dedi: %d %s, want 403", code, body)
+	}
+
+	if err := q.Delete(t.Context(), m.ProviderID); err != nil {
+		t.Fatal(err)
+	}
+	// The drain stopped the game through the LSPM, whose reports say so.
+	last := vmm.lastOf(sp.MachineID)
+	vmm.mu.Lock()
+	ended := vmm.ended[p.ID]
+	vmm.mu.Unlock()
+	if len(last.Processes) != 0 || ended != api.StateKilled {
+		t.Errorf("last report before power-off: state %s, live %+v, echo ended %q; want none live and the echo killed", last.State, last.Processes, ended)
+	}
+	if running(rec.PID) {
+		t.Errorf("qemu (pid %d) still runs after Delete", rec.PID)
+	}
+	if _, err := os.Stat(q.machineDir(m.ProviderID)); !os.IsNotExist(err) {
+		t.Errorf("machine dir still there after Delete: %v", err)
+	}
+}
+
+// TestPoweredOffMachine: a VM whose qemu died (a guest panic, an OOM
+// kill) is still listed, so the VMM can delete it; Delete cleans up.
+func TestPoweredOffMachine(t *testing.T) {
+	needVMs(t)
+	dir := t.TempDir()
+	cleanupDir(t, dir)
+	vmm := newFakeVMM(t)
+	q := newQEMU(t, dir)
+	m, err := q.Create(t.Context(), vmm.spec(t, "m-dead", "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, _ := readRecord(q.machineDir(m.ProviderID))
+	if err := syscall.Kill(rec.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "qemu to die", func() bool { return !running(rec.PID) })
+	ms, err := q.List(t.Context(), "f")
+	if err != nil || len(ms) != 1 || ms[0].ProviderID != m.ProviderID {
+		t.Fatalf("List after qemu died = %+v, %v; want the machine", ms, err)
+	}
+	if err := q.Delete(t.Context(), m.ProviderID); err != nil {
+		t.Fatal(err)
+	}
+	if ms, _ := q.List(t.Context(), ""); len(ms) != 0 {
+		t.Errorf("List after Delete = %+v", ms)
+	}
+}
+
+// TestCreateErrors: bad specs change nothing; an address whose forward
+// is taken is skipped; past the last address, ErrNoCapacity.
+func TestCreateErrors(t *testing.T) {
+	needVMs(t)
+	dir := t.TempDir()
+	cleanupDir(t, dir)
+	cfg := testConfig(t, dir)
+	cfg.FirstHost, cfg.LastHost = 178, 179
+	q, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmm := newFakeVMM(t)
+	img, _ := image.ParseQEMURef(imageRef)
+	for name, mut := range map[string]func(*provider.Spec){
+		"bad id":             func(s *provider.Spec) { s.MachineID = "../x" },
+		"no token":           func(s *provider.Spec) { s.Token = "" },
+		"no image":           func(s *provider.Spec) { s.Image = "" },
+		"relative image":     func(s *provider.Spec) { s.Image = "qemu:images/echo" },
+		"missing image":      func(s *provider.Spec) { s.Image = "qemu:" + filepath.Join(img, "nope") },
+		"foreign command":    func(s *provider.Spec) { s.Command = []string{"/bin/dedi", "example", "echo"} },
+		"foreign allow":      func(s *provider.Spec) { s.Allow = []string{"/bin/dedi"} },
+		"unreachable VMM":    func(s *provider.Spec) { s.VMMURL = "http://127.0.0.5:7700" },
+		"VMM on IPv6 lo":     func(s *provider.Spec) { s.VMMURL = "http://[::1]:7700" },
+		"comma in image dir": func(s *provider.Spec) { s.Image = "qemu:/a,b" },
+	} {
+		sp := vmm.spec(t, "m-bad", "f")
+		mut(&sp)
+		if _, err := q.Create(t.Context(), sp); err == nil {
+			t.Errorf("%s: Create succeeded", name)
+		}
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dir, "machines")); len(ents) != 0 {
+		t.Fatalf("failed creates left %d machine dirs", len(ents))
+	}
+
+	// Someone holds a game port of 127.0.0.178: its forward cannot be
+	// bound, and the machine goes to 127.0.0.179.
+	lo, _ := cfg.withDefaults().ports(178)
+	busy, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.178", strconv.Itoa(lo+3)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	sp := vmm.spec(t, "m-one", "f")
+	sp.Command = []string{"/opt/game/echo"} // an executable of the image is fine
+	m, err := q.Create(t.Context(), sp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = q.Delete(context.Background(), m.ProviderID) })
+	if m.Address != "127.0.0.179" {
+		t.Errorf("machine on %s, want 127.0.0.179 (a port of .178 is taken)", m.Address)
+	}
+	if _, err := q.Create(t.Context(), vmm.spec(t, "m-one", "f")); err == nil {
+		t.Error("Create of an existing machine id succeeded")
+	}
+	busy.Close()
+	if _, err := q.Create(t.Context(), vmm.spec(t, "m-two", "f")); err != nil {
+		t.Fatalf("Create on the freed address: %v", err)
+	} else {
+		t.Cleanup(func() { _ = q.Delete(context.Background(), "m-two") })
+	}
+	if _, err := q.Create(t.Context(), vmm.spec(t, "m-three", "f")); !errors.Is(err, provider.ErrNoCapacity) {
+		t.Errorf("Create past the last host: %v, want ErrNoCapacity", err)
+	}
+}
+
+// TestAccelProbe: "auto" probes once per host boot and keeps the
+// answer for the next provider on the dir.
+func TestAccelProbe(t *testing.T) {
+	needVMs(t)
+	dir := t.TempDir()
+	q, err := New(Config{Dir: dir, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, _ := image.ParseQEMURef(imageRef)
+	kernel := filepath.Join(img, image.QEMUKernelFile)
+	a, err := q.decideAccel(t.Context(), kernel)
+	if err != nil || (a != "kvm" && a != "tcg") {
+		t.Fatalf("decideAccel = %q, %v", a, err)
+	}
+	q2, _ := New(Config{Dir: dir, Logger: testLogger(t)})
+	start := time.Now()
+	if b, err := q2.decideAccel(t.Context(), kernel); err != nil || b != a {
+		t.Errorf("second provider decided %q, %v; want %q", b, err, a)
+	}
+	if d := time.Since(start); d > probeTimeout/2 {
+		t.Errorf("second decision took %v: probed again", d)
+	}
+	if q3, _ := New(Config{Dir: t.TempDir(), Accel: "tcg"}); q3.accel != "tcg" {
+		t.Errorf("configured accel not taken: %q", q3.accel)
+	}
+}
+
+func TestGuestURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                          "",
+		"http://127.0.0.1:7700":     "http://10.0.2.2:7700",
+		"http://localhost:7700/":    "http://10.0.2.2:7700/",
+		"http://0.0.0.0:7700":       "http://10.0.2.2:7700",
+		"http://192.168.1.5:7700":   "http://192.168.1.5:7700",
+		"https://vmm.example:443/x": "https://vmm.example:443/x",
+		"http://127.0.0.1":          "http://10.0.2.2",
+		"http://127.0.0.9:7700":     "error",
+		"http://[::1]:7700":         "error",
+	} {
+		got, err := guestURL(in)
+		if err != nil {
+			got = "error"
+		}
+		if got != want {
+			t.Errorf("guestURL(%q) = %q (%v), want %q", in, got, err, want)
+		}
+	}
+}
+
+func TestConfig(t *testing.T) {
+	c := Config{Dir: "x"}.withDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	// The local provider's plan: N picks the same ports in both.
+	for n, want := range map[int][2]int{10: {30000, 30099}, 250: {54000, 54099}} {
+		if lo, hi := c.ports(n); lo != want[0] || hi != want[1] {
+			t.Errorf("ports(%d) = %d-%d, want %d-%d", n, lo, hi, want[0], want[1])
+		}
+	}
+	for name, bad := range map[string]Config{
+		"no dir":         {},
+		"comma":          {Dir: "a,b"},
+		"accel":          {Dir: "x", Accel: "hvf"},
+		"memory":         {Dir: "x", MemoryMiB: 16},
+		"hosts":          {Dir: "x", FirstHost: 20, LastHost: 10},
+		"host 1":         {Dir: "x", FirstHost: 1},
+		"ports past 64K": {Dir: "x", PortBase: 60000},
+		"lspm in range":  {Dir: "x", LSPMPort: 30050},
+	} {
+		if err := bad.withDefaults().Validate(); err == nil {
+			t.Errorf("%s: Validate accepted %+v", name, bad)
+		}
+	}
+}
+
+// udpEcho sends msg to addr:port and returns the reply.
+func udpEcho(t *testing.T, addr string, port int, msg string) string {
+	t.Helper()
+	c, err := net.Dial("udp", net.JoinHostPort(addr, strconv.Itoa(port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 2048)
+	for range 40 {
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		if n, err := c.Read(buf); err == nil {
+			return string(buf[:n])
+		}
+	}
+	t.Fatalf("no UDP echo from %s:%d", addr, port)
+	return ""
+}
+
+// running reports whether pid runs (a zombie does not: the daemonized
+// qemu's reaper is whoever is PID 1 here).
+func running(pid int) bool {
+	state, _, err := procStat(pid)
+	return err == nil && state != 'Z' && state != 'X'
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+var client = &http.Client{Timeout: 2 * time.Second}
+
+// httpDo makes a request and decodes a 2xx JSON answer into out; an
+// LSPM still booting (no answer yet) is asked again.
+func httpDo(t *testing.T, method, url, token, body string, out any) (int, []byte) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var rd io.Reader
+		if body != "" {
+			rd = strings.NewReader(body)
+		}
+		req, err := http.NewRequest(method, url, rd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if body != "" {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := client.Do(req)
+		if err != nil {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s %s: %v", method, url, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode/100 == 2 && out != nil {
+			if err := json.Unmarshal(raw, out); err != nil {
+				t.Fatalf("%s %s: %v in %s", method, url, err, raw)
+			}
+		}
+		return resp.StatusCode, raw
+	}
+}

@@ -300,8 +300,23 @@ func FuzzStatusReport(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		var st api.Status
 		decodeErr := rest.DecodeBytes(body, &st, false)
-		// Every report counts as new, so each input reaches applyReport.
-		if err := v.doWait(func(s *state) { s.machines[id].m.Seq = 0 }); err != nil {
+		// Every report counts as new, so each input reaches applyReport,
+		// and finds the machine as the first report did: without the
+		// processes of earlier inputs, which would otherwise pile up by
+		// the ten thousand (each report asks the LSPM about every one it
+		// leaves out) until the worker seems hung.
+		if err := v.doWait(func(s *state) {
+			m := s.machines[id]
+			m.m.Seq = 0
+			for pid, p := range s.processes {
+				if p.MachineID == id {
+					delete(s.processes, pid)
+					delete(s.sums, pid)
+				}
+			}
+			clear(m.procs)
+			clear(s.asking)
+		}); err != nil {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -89,6 +89,12 @@ func (b qemuBuild) build(ctx context.Context, o Options, m Manifest) (string, er
 	if err := checkStatic(main, "the game server"); err != nil {
 		return "", err
 	}
+	for _, e := range m.Executables {
+		p := filepath.Join(o.BuildDir, filepath.FromSlash(strings.TrimPrefix(e.Path, GameDir+"/")))
+		if e.Path != m.Command[0] && checkStatic(p, "executable") != nil {
+			o.Log.Warn("executable the VM cannot run (not a static x86-64 ELF); spawns of it will fail", "path", e.Path)
+		}
+	}
 	mods, err := resolveModules(filepath.Join(b.modRoot, kver), netModules)
 	if err != nil {
 		return "", err

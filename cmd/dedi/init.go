@@ -47,40 +47,46 @@ func runInit(args []string, stderr io.Writer) error {
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil)).With("component", "init")
 	start := time.Now()
-	if err := bootGuest(log); err != nil {
+	cfg, err := bootGuest(log)
+	if err != nil {
 		log.Error("boot failed; powering off", "err", err)
 		powerOff()
 	}
 	log.Info("booted", "took", time.Since(start).Round(time.Millisecond), "uptime", uptime())
-	superviseLSPM(log)
+	superviseLSPM(log, cfg)
 	return nil // not reached
 }
 
-// bootGuest runs steps 1-3.
-func bootGuest(log *slog.Logger) error {
+// bootGuest runs steps 1-3 and returns the machine config. The config
+// file is removed once read: the token lives on only in the init's and
+// the LSPM's memory, out of the game servers' reach on the file system.
+func bootGuest(log *slog.Logger) (image.GuestConfig, error) {
+	var cfg image.GuestConfig
 	for _, m := range []struct{ fs, dir string }{{"proc", "/proc"}, {"sysfs", "/sys"}, {"devtmpfs", "/dev"}} {
 		if err := os.MkdirAll(m.dir, 0o755); err != nil {
-			return err
+			return cfg, err
 		}
 		if err := unix.Mount(m.fs, m.dir, m.fs, unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil && !errors.Is(err, unix.EBUSY) {
-			return fmt.Errorf("mount %s: %w", m.dir, err)
+			return cfg, fmt.Errorf("mount %s: %w", m.dir, err)
 		}
 	}
 	var img image.QEMUImage
 	if err := readJSON(image.GuestImageConfig, &img); err != nil {
-		return err
+		return cfg, err
 	}
 	for _, m := range img.Modules {
 		if err := loadModule(m); err != nil {
-			return err
+			return cfg, err
 		}
 	}
-	var cfg image.GuestConfig
 	if err := readJSON(image.GuestMachineConfig, &cfg); err != nil {
-		return err
+		return cfg, err
+	}
+	if err := os.Remove(image.GuestMachineConfig); err != nil {
+		log.Warn("remove the machine config", "err", err)
 	}
 	if err := cfg.Validate(); err != nil {
-		return err
+		return cfg, err
 	}
 	host := cfg.MachineID
 	if len(host) > 64 {
@@ -89,7 +95,7 @@ func bootGuest(log *slog.Logger) error {
 	if err := unix.Sethostname([]byte(host)); err != nil {
 		log.Warn("set host name", "err", err)
 	}
-	return upNetwork(cfg, log)
+	return cfg, upNetwork(cfg, log)
 }
 
 func readJSON(p string, v any) error {
@@ -197,13 +203,8 @@ func lspmArgs(cfg image.GuestConfig, m image.Manifest) []string {
 
 // superviseLSPM starts the LSPM, reaps every child that ends (PID 1
 // inherits the orphans) and starts the LSPM again when it dies.
-func superviseLSPM(log *slog.Logger) {
-	var cfg image.GuestConfig
+func superviseLSPM(log *slog.Logger, cfg image.GuestConfig) {
 	var m image.Manifest
-	if err := readJSON(image.GuestMachineConfig, &cfg); err != nil {
-		log.Error("machine config", "err", err)
-		powerOff()
-	}
 	if err := readJSON(image.GuestManifest, &m); err != nil {
 		log.Error("manifest", "err", err)
 		powerOff()

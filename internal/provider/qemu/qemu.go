@@ -33,9 +33,9 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -338,7 +338,10 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 		if err := q.writeInitrd(filepath.Join(dir, initrdFile), imgDir, gc); err != nil {
 			return rec, err
 		}
-		err = q.startQEMU(ctx, dir, imgDir, accel, rec)
+		if err := ctx.Err(); err != nil {
+			return rec, err
+		}
+		err = q.startQEMU(dir, imgDir, accel, rec)
 		var busy errForwardBusy
 		if errors.As(err, &busy) && attempt < 5 {
 			q.log.Info("address taken while qemu started; trying another", "address", addr, "err", err)
@@ -486,7 +489,7 @@ func (q *QEMU) args(dir, imgDir, accel string, rec machineRecord) []string {
 
 // startQEMU runs qemu daemonized: it returns once qemu has loaded the
 // kernel and initrd and bound its forwards, or failed to.
-func (q *QEMU) startQEMU(ctx context.Context, dir, imgDir, accel string, rec machineRecord) error {
+func (q *QEMU) startQEMU(dir, imgDir, accel string, rec machineRecord) error {
 	logf, err := os.OpenFile(filepath.Join(dir, qemuLogFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
@@ -509,7 +512,9 @@ func (q *QEMU) startQEMU(ctx context.Context, dir, imgDir, accel string, rec mac
 		}
 		return fmt.Errorf("qemu: %w: %s", err, msg)
 	}
-	return ctx.Err()
+	// qemu runs now: even if ctx ended meanwhile, the machine is made and
+	// recorded, so the caller gets it rather than a leak.
+	return nil
 }
 
 // checkCommand allows only the image's executables: a spec's command

@@ -6,9 +6,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
-	"errors"
 	"log/slog"
 	"net"
 	"net/http"
@@ -226,7 +226,6 @@ func TestProviderContract(t *testing.T) {
 	vmm := newFakeVMM(t)
 	providertest.Run(t, func(t *testing.T) provider.Provider { return newQEMU(t, dir) }, vmm.spec)
 }
-
 
 // TestMachineLifecycle: a VM boots with its identity from the appended
 // cpio (not on qemu's command line), reports to the VMM with its token,

@@ -170,7 +170,10 @@ func DecodeJSON(r *http.Request, v any, optional bool) error {
 }
 
 // ReadBody reads a request body of at most MaxBody bytes.
-func ReadBody(r *http.Request) ([]byte, error) {
+func ReadBody(r *http.Request) ([]byte, error) { return ReadBodyInto(r, nil) }
+
+// ReadBodyInto is ReadBody into buf's storage when it is large enough.
+func ReadBodyInto(r *http.Request, buf []byte) ([]byte, error) {
 	if r.ContentLength > MaxBody {
 		return nil, Errorf(TooLarge, "", "body is over %d bytes", MaxBody)
 	}
@@ -180,7 +183,10 @@ func ReadBody(r *http.Request) ([]byte, error) {
 	if r.ContentLength > 0 {
 		size = int(r.ContentLength) + 1 // +1: room for the read that sees EOF
 	}
-	body := make([]byte, 0, size)
+	body := buf[:0]
+	if cap(body) < size {
+		body = make([]byte, 0, size)
+	}
 	lr := io.LimitReader(r.Body, MaxBody+1)
 	for {
 		if len(body) == cap(body) {

@@ -96,7 +96,7 @@ func validateReport(st *report) error {
 	default:
 		return bad("state %q: want empty, partial, full or shutting_down", st.State)
 	}
-	for _, p := range st.Processes {
+	for _, p := range st.Processes.All() {
 		if !validProcessID(p.ID) || !processStates[p.State] || api.IsTerminal(p.State) {
 			return bad("live process %q: want an id and a live state, got %q", p.ID, p.State)
 		}
@@ -304,20 +304,25 @@ func (v *VMM) deleteMachine(w http.ResponseWriter, r *http.Request) {
 	answer(v, w, http.StatusAccepted, func(s *state) (api.Machine, error) { return s.requestMachineRemoval(r.PathValue("id")) })
 }
 
-// readReport reads and decodes a status report body (see report).
+// readReport reads and decodes a status report body (see report) into a
+// pooled report, which the caller releases.
 func readReport(r *http.Request) (*report, error) {
-	body, err := rest.ReadBody(r)
+	rep := reportPool.Get().(*report)
+	body, err := rest.ReadBodyInto(r, rep.body)
 	if err != nil {
+		rep.release()
 		return nil, err
 	}
+	rep.body = body
 	if len(bytes.TrimSpace(body)) == 0 {
+		rep.release()
 		return nil, rest.Errorf(rest.Invalid, "", "a JSON body is required")
 	}
-	st, err := decodeReport(body)
-	if err != nil {
+	if err := rep.decode(body); err != nil {
+		rep.release()
 		return nil, rest.Errorf(rest.Invalid, "", "body: %v", err)
 	}
-	return st, nil
+	return rep, nil
 }
 
 // postStatus applies an LSPM status report: only that machine's token.
@@ -330,6 +335,9 @@ func (v *VMM) postStatus(w http.ResponseWriter, r *http.Request) {
 	}
 	th := rest.TokenHash(tok)
 	st, bodyErr := readReport(r)
+	if bodyErr == nil {
+		defer st.release() // after the loop has applied it: doWait returns once it ran
+	}
 	if bodyErr == nil && st.MachineID != "" && st.MachineID != id {
 		bodyErr = rest.Errorf(rest.Invalid, "", "report of machine %q sent for %q", st.MachineID, id)
 	}

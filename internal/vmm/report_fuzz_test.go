@@ -24,8 +24,9 @@ func FuzzDecodeReport(f *testing.F) {
 		if err != nil {
 			return
 		}
-		for i := range r.Processes {
-			p := &r.Processes[i]
+		defer r.release()
+		for i := range r.Processes.All() {
+			p := &r.Processes.All()[i]
 			if len(p.fixed) < 2 || p.fixed[0] != '{' || p.fixed[len(p.fixed)-1] != '}' {
 				t.Fatalf("process %d: fixed %q", i, p.fixed)
 			}

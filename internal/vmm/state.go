@@ -532,8 +532,9 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 	// The fixed members of processes new to the VMM, or changed, are
 	// decoded first, so that a bad one rejects the report whole.
 	var fixed map[int]api.Process
-	for i := range st.Processes {
-		lp := &st.Processes[i]
+	live := st.Processes.All()
+	for i := range live {
+		lp := &live[i]
 		if sum, ok := s.sums[lp.ID]; ok && sum == lp.sum && s.processes[lp.ID] != nil {
 			continue
 		}
@@ -557,7 +558,7 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 	load := st.State
 	if load == api.LoadShuttingDown { // API.md's load is empty, partial or full
 		load = api.LoadEmpty
-		if len(st.Processes) > 0 {
+		if len(live) > 0 {
 			load = api.LoadPartial
 		}
 	}
@@ -574,8 +575,8 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 	}
 	seen := s.seen
 	clear(seen)
-	for i := range st.Processes {
-		lp := &st.Processes[i]
+	for i := range live {
+		lp := &live[i]
 		seen[lp.ID] = struct{}{}
 		if f, ok := fixed[i]; ok {
 			s.updateProcess(m, lp.process(f))

@@ -36,6 +36,7 @@ func runImage(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.Name, "name", "", "the image's name")
 	fs.StringVar(&o.OutDir, "out", filepath.Join(defaultDataDir(), "images"), "where qemu images are kept")
 	fs.StringVar(&o.DediBinary, "dedi", "", "the static dedi binary to put in the image (default: this one)")
+	fs.StringVar(&o.Kernel, "kernel", "", "qemu: the kernel to boot (default: the newest /boot/vmlinuz-*-cloud-amd64)")
 	fs.Var(&ports, "port", "a named port the game uses (repeatable; default game)")
 	// The flags come first, then BUILD_DIR, then "--" and the command.
 	var cmd []string

@@ -33,6 +33,7 @@ func runUp(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer loc.Close()
+	defer f.close()
 	self, err := os.Executable()
 	if err != nil {
 		return err

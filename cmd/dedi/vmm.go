@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -30,8 +33,10 @@ type vmmFlags struct {
 	lastIP   int
 	portBase int
 	simDir   string // --sim-provider-dir: the sim provider, for load tests
+	pprof    string // --pprof-listen
 	docker   docker.Config
 	qemu     qemu.Config
+	closers  []io.Closer // providers with connections to close
 }
 
 func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
@@ -41,7 +46,7 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.DurationVar(&f.cfg.ReportInterval, "report-interval", 0, "LSPM status report period (default 2s)")
 	fs.DurationVar(&f.cfg.BootTimeout, "boot-timeout", 0, "time a new machine has to report (default 60s)")
 	fs.IntVar(&f.firstIP, "local-first-host", 10, "the local provider's first machine address is 127.0.0.N")
-	fs.IntVar(&f.lastIP, "local-last-host", 250, "the local provider's last machine address is 127.0.0.N")
+	fs.IntVar(&f.lastIP, "local-last-host", 129, "the local provider's last machine address is 127.0.0.N")
 	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
 	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
 	fs.TextVar(&f.docker.FirstAddress, "docker-first-address", netip.MustParseAddr("127.0.1.1"), "the docker provider's first machine address (its machines take the next ones)")
@@ -52,10 +57,11 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.StringVar(&f.qemu.Accel, "qemu-accel", "auto", "the qemu provider's accelerator: auto (KVM if a probe boot works, else TCG), kvm or tcg")
 	fs.IntVar(&f.qemu.MemoryMiB, "qemu-memory", 256, "memory of each qemu VM, MiB")
 	fs.IntVar(&f.qemu.CPUs, "qemu-cpus", 1, "vCPUs of each qemu VM")
-	fs.IntVar(&f.qemu.FirstHost, "qemu-first-host", 10, "the qemu provider's first machine address is 127.0.0.N")
+	fs.IntVar(&f.qemu.FirstHost, "qemu-first-host", 130, "the qemu provider's first machine address is 127.0.0.N (after the local provider's)")
 	fs.IntVar(&f.qemu.LastHost, "qemu-last-host", 250, "the qemu provider's last machine address is 127.0.0.N")
-	fs.IntVar(&f.qemu.PortBase, "qemu-port-base", 30000, "the qemu provider's first game port")
+	fs.IntVar(&f.qemu.PortBase, "qemu-port-base", 45000, "the qemu provider's first game port (after the local provider's)")
 	fs.IntVar(&f.qemu.PortsPerMachine, "qemu-ports-per-machine", 100, "game ports forwarded to each qemu VM (TCP and UDP)")
+	fs.StringVar(&f.pprof, "pprof-listen", "", "serve Go's profiles (net/http/pprof) on this address, loopback only; off by default")
 	fs.StringVar(&f.simDir, "sim-provider-dir", "", "load tests only: add the simulated provider \"sim\" over DIR (test/loadgen)")
 }
 
@@ -92,6 +98,7 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 		loc.Close()
 		return nil, nil, nil, err
 	}
+	f.closers = append(f.closers, dk)
 	f.cfg.Providers["docker"] = dk
 	f.qemu.Dir, f.qemu.Logger = filepath.Join(dir, "qemu"), log
 	qm, err := qemu.New(f.qemu) // runs no qemu until a qemu fleet needs a machine
@@ -106,9 +113,46 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 	v, err := vmm.New(f.cfg, log, nil)
 	if err != nil {
 		loc.Close()
+		f.close()
 		return nil, nil, nil, err
 	}
+	if f.pprof != "" {
+		ln, err := servePprof(f.pprof, log)
+		if err != nil {
+			loc.Close()
+			f.close()
+			return nil, nil, nil, err
+		}
+		f.closers = append(f.closers, ln)
+	}
 	return v, loc, log, nil
+}
+
+// close closes what build opened besides the local provider.
+func (f *vmmFlags) close() {
+	for _, c := range f.closers {
+		_ = c.Close()
+	}
+}
+
+// servePprof serves Go's profiles on a loopback address, for measuring a
+// VMM under load (go tool pprof http://ADDR/debug/pprof/profile).
+func servePprof(addr string, log *slog.Logger) (net.Listener, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().IsLoopback() {
+		return nil, fmt.Errorf("--pprof-listen %q: want a loopback address and port, such as 127.0.0.1:6060", addr)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--pprof-listen: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	log.Info("profiles served", "addr", ln.Addr().String())
+	go func() { _ = http.Serve(ln, mux) }() // ends when close() closes ln
+	return ln, nil
 }
 
 func runVMM(args []string, stderr io.Writer) error {
@@ -127,6 +171,7 @@ func runVMM(args []string, stderr io.Writer) error {
 		return err
 	}
 	defer loc.Close()
+	defer f.close()
 	ctx, cancel := signalContext()
 	defer cancel()
 	return v.Run(ctx)

@@ -455,7 +455,9 @@ func BenchmarkStatusIngest(b *testing.B) {
 		simDir := filepath.Join(b.TempDir(), "sim")
 		// The VMM's report interval is the loadgen's: a machine silent
 		// for three of them is lost.
-		v := startVMM(b, "--sim-provider-dir", simDir, "--report-interval", interval, "--boot-timeout", "10m")
+		// DEDI_BENCH_VMM_ARGS adds VMM flags (--pprof-listen 127.0.0.1:6060, say).
+		v := startVMM(b, append([]string{"--sim-provider-dir", simDir, "--report-interval", interval, "--boot-timeout", "10m"},
+			strings.Fields(os.Getenv("DEDI_BENCH_VMM_ARGS"))...)...)
 		cmd := exec.Command(loadgen, append([]string{"-vmm", v.url, "-token", v.token, "-sim-dir", simDir,
 			"-fleet", "ingest", "-pid", strconv.Itoa(v.cmd.Process.Pid)}, args...)...)
 		var out bytes.Buffer

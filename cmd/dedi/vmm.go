@@ -46,7 +46,7 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.DurationVar(&f.cfg.ReportInterval, "report-interval", 0, "LSPM status report period (default 2s)")
 	fs.DurationVar(&f.cfg.BootTimeout, "boot-timeout", 0, "time a new machine has to report (default 60s)")
 	fs.IntVar(&f.firstIP, "local-first-host", 10, "the local provider's first machine address is 127.0.0.N")
-	fs.IntVar(&f.lastIP, "local-last-host", 129, "the local provider's last machine address is 127.0.0.N")
+	fs.IntVar(&f.lastIP, "local-last-host", 0, "the local provider's last machine address is 127.0.0.N (default: the one before the qemu provider's first, or 250)")
 	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
 	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
 	fs.TextVar(&f.docker.FirstAddress, "docker-first-address", netip.MustParseAddr("127.0.1.1"), "the docker provider's first machine address (its machines take the next ones)")
@@ -81,6 +81,12 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, nil, err
+	}
+	if f.lastIP == 0 {
+		f.lastIP = 250
+		if f.qemu.FirstHost > f.firstIP {
+			f.lastIP = f.qemu.FirstHost - 1
+		}
 	}
 	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"), FirstHost: f.firstIP, LastHost: f.lastIP, PortBase: f.portBase,
 		Logger: log.With("provider", "local")})

@@ -10,23 +10,29 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r), $(go version | cut -d' ' -f3)"
-# Each benchmark gets an iteration count that fits its cost.
+# Each benchmark gets an iteration count that fits its cost: "PACKAGE NAME ITERATIONS".
 runs=(
-  "BenchmarkSpawnToReady 30x"
-  "BenchmarkSpawn100 3x"
-  "BenchmarkCrashDetection 30x"
-  "BenchmarkLSPMMemory 1x"
-  "BenchmarkHeartbeats 20000x"
-  "BenchmarkPlacementWarm 480x"
-  "BenchmarkColdStartLocal 20x"
+  "./test/e2e BenchmarkSpawnToReady 30x"
+  "./test/e2e BenchmarkSpawn100 3x"
+  "./test/e2e BenchmarkCrashDetection 30x"
+  "./test/e2e BenchmarkLSPMMemory 1x"
+  "./test/e2e BenchmarkHeartbeats 20000x"
+  "./test/e2e BenchmarkNodeEchoReady 1x"
+  "./test/e2e BenchmarkPlacementWarm 480x"
+  "./test/e2e BenchmarkColdStartLocal 20x"
+  "./test/e2e BenchmarkColdStartDocker 5x"
+  "./test/e2e BenchmarkColdStartQEMU 3x"
+  "./internal/vmm BenchmarkReportIngest 2000x"
+  "./internal/rest BenchmarkDecodeStatus 2000x"
+  "./internal/lspm BenchmarkCheckPeer 2000x"
 )
 # The status ingest (10,000 simulated LSPMs, about 2 minutes) runs alone:
 #   go test ./test/e2e -run '^$' -bench '^BenchmarkStatusIngest$' -benchtime 1x -count 1 -timeout 30m
 for r in "${runs[@]}"; do
   set -- $r
-  [[ "$1" =~ $pattern ]] || continue
-  echo "command: go test ./test/e2e -run '^\$' -bench '^$1\$' -benchtime $2 -count $count"
-  go test ./test/e2e -run '^$' -bench "^$1\$" -benchtime "$2" -count "$count" | tee -a "$out" >&2
+  [[ "$2" =~ $pattern ]] || continue
+  echo "command: go test $1 -run '^\$' -bench '^$2\$' -benchtime $3 -count $count"
+  go test "$1" -run '^$' -bench "^$2\$" -benchtime "$3" -count "$count" | tee -a "$out" >&2
 done
 echo
 echo "medians of $count runs:"

@@ -127,3 +127,24 @@ func TestBadReportChangesNothing(t *testing.T) {
 		t.Fatalf("escaped name: %d %s", code, ans)
 	}
 }
+
+// Equal commands and label sets are shared between processes, and only
+// equal ones: a value whose bytes could be joined another way is apart.
+func TestInternerSharesOnlyEqualValues(t *testing.T) {
+	var in interner
+	a := api.Process{Command: []string{"/g", "--map", "x"}, Labels: map[string]string{"r": "eu", "t": "1"}}
+	b := api.Process{Command: []string{"/g", "--map", "x"}, Labels: map[string]string{"t": "1", "r": "eu"}}
+	c := api.Process{Command: []string{"/g", "--map\x00x"}, Labels: map[string]string{"r": "eu1:t", "": ""}}
+	for _, p := range []*api.Process{&a, &b, &c} {
+		in.process(p)
+	}
+	if &a.Command[0] != &b.Command[0] || fmt.Sprintf("%p", a.Labels) != fmt.Sprintf("%p", b.Labels) {
+		t.Fatal("equal values are not shared")
+	}
+	if len(c.Command) != 2 || c.Command[1] != "--map\x00x" || c.Labels["r"] != "eu1:t" || len(c.Labels) != 2 {
+		t.Fatalf("a different value was replaced: %q %v", c.Command, c.Labels)
+	}
+	if &c.Command[0] == &a.Command[0] || fmt.Sprintf("%p", c.Labels) == fmt.Sprintf("%p", a.Labels) {
+		t.Fatal("different values are shared")
+	}
+}

@@ -38,6 +38,7 @@ type state struct {
 	asking    map[string]bool               // processes being asked for at their LSPM
 	sums      map[string]uint64             // live process -> hash of its fixed members as last reported (see report)
 	seen      map[string]struct{}           // applyReport's scratch set, kept to spare an allocation per report
+	interned  interner                      // commands and label sets shared between processes
 	procOrder int64                         // insertion order of process rows
 	// lostFrom holds lost detection back after a start, until the LSPMs
 	// have had LostAfter to reach the new VMM.
@@ -542,6 +543,7 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 		if err != nil {
 			return false, nil, rest.Errorf(rest.Invalid, "", "body: %v", err)
 		}
+		s.interned.process(&f)
 		if fixed == nil {
 			fixed = map[int]api.Process{}
 		}

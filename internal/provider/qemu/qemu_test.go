@@ -224,6 +224,9 @@ func TestProviderContract(t *testing.T) {
 	dir := t.TempDir()
 	cleanupDir(t, dir)
 	vmm := newFakeVMM(t)
+	// A VM under TCG boots in 3-10 s, and more while the rest of the
+	// suite loads both cores.
+	providertest.BootTimeout = 60 * time.Second
 	providertest.Run(t, func(t *testing.T) provider.Provider { return newQEMU(t, dir) }, vmm.spec)
 }
 
@@ -509,7 +512,7 @@ func running(pid int) bool {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -524,7 +527,7 @@ var client = &http.Client{Timeout: 2 * time.Second}
 // LSPM still booting (no answer yet) is asked again.
 func httpDo(t *testing.T, method, url, token, body string, out any) (int, []byte) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var rd io.Reader
 		if body != "" {

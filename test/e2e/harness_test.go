@@ -81,7 +81,7 @@ type lspm struct {
 
 type lspmOpts struct {
 	maxProcesses int
-	ports        int // size of the port range (default 100)
+	ports        int // size of the port range (default 40)
 	extra        []string
 	dataDir      string
 	noDefault    bool
@@ -95,12 +95,18 @@ func startLSPM(t testing.TB, o lspmOpts) *lspm {
 		o.maxProcesses = 8
 	}
 	if o.ports == 0 {
-		o.ports = 100
+		o.ports = 40
 	}
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
 	}
-	lo := 31000 + int(portBase.Add(1)-1)*100
+	// Ranges are handed out one after another from 27000, below the
+	// kernel's ephemeral ports (32768 up): a port the LSPM means to give a
+	// game must not be one an outgoing connection happens to hold.
+	lo := 27000 + int(portBase.Add(int32(o.ports))) - o.ports
+	if lo+o.ports > 32768 {
+		t.Fatal("out of LSPM port ranges below the ephemeral ports")
+	}
 	args := []string{"lspm", "--listen", "127.0.0.1:0", "--data-dir", o.dataDir, "--machine-id", "m-test",
 		"--max-processes", strconv.Itoa(o.maxProcesses),
 		"--port-range", fmt.Sprintf("%d-%d", lo, lo+o.ports-1),

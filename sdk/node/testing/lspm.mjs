@@ -8,7 +8,7 @@
 // Every LSPM here listens on 127.0.0.252 (no other test uses that address:
 // test/e2e's VMMs take 127.0.0.20-190, the local provider's tests
 // 127.0.0.200-250) and hands out game ports from 37000-37999, a block no
-// other test uses (test/e2e's LSPMs take 31000 upwards, its VMMs 51000
+// other test uses (test/e2e's LSPMs take 27000-32767, its VMMs 51000
 // upwards, its benchmarks 39000-39199). Each test file owns a part of that
 // block and each LSPM a slice of its file's part.
 

@@ -93,7 +93,10 @@ func qemuVMM(t testing.TB, firstHost, portBase int) *vmmProc {
 		}
 	})
 	v = startVMM(t, "--qemu-first-host", strconv.Itoa(firstHost), "--qemu-last-host", strconv.Itoa(firstHost+4),
-		"--qemu-port-base", strconv.Itoa(portBase), "--qemu-ports-per-machine", "10", "--qemu-memory", "256")
+		"--qemu-port-base", strconv.Itoa(portBase), "--qemu-ports-per-machine", "10", "--qemu-memory", "256",
+		// An emulated guest on a loaded machine can be late by more than
+		// the harness's 200 ms × 3 that makes a machine lost.
+		"--report-interval", "1s")
 	return v
 }
 

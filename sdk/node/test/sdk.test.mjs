@@ -199,6 +199,8 @@ test('the heartbeat loop rides out an LSPM kill -9 and restart', { timeout: 30_0
   await l.start();
   // A restarted LSPM forgets the player count until the next heartbeat.
   await l.waitFor(p.id, (q) => q.players === 7, 'players 7 after the restart');
+  // The LSPM has the beat; the SDK logs its recovery once the answer is in.
+  for (const until = Date.now() + 5000; log.lines.length < 2 && Date.now() < until;) await delay(10);
   assert.deepEqual(log.lines.map((x) => `${x.level} ${x.msg}`), [
     'warn dedi sdk: heartbeat failed; retrying every period',
     'info dedi sdk: heartbeat recovered',

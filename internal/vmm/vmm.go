@@ -237,14 +237,18 @@ func (v *VMM) reconcile(ctx context.Context) {
 			continue
 		}
 		found := map[string]provider.Machine{}
+		ours := map[string]bool{}
+		if err := v.doWait(func(s *state) { // one trip to the loop for the whole list
+			for _, pm := range list {
+				m := s.machines[pm.MachineID]
+				ours[pm.MachineID] = m != nil && m.m.State != api.MachineTerminated
+			}
+		}); err != nil {
+			return // the VMM stops: judge nothing, delete nothing
+		}
 		for _, pm := range list {
 			found[pm.MachineID] = pm
-			var ours bool
-			_ = v.doWait(func(s *state) {
-				m := s.machines[pm.MachineID]
-				ours = m != nil && m.m.State != api.MachineTerminated
-			})
-			if !ours {
+			if !ours[pm.MachineID] {
 				v.log.Warn("deleting a machine no record names", "provider", name, "machine", pm.MachineID, "fleet", pm.Fleet)
 				dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 				_ = p.Delete(dctx, pm.ProviderID)

@@ -15,7 +15,6 @@ package local
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -35,6 +34,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/provider"
+	"dedi.dev/dedi/internal/provider/statedir"
 )
 
 var _ provider.Provider = (*Local)(nil)
@@ -191,8 +191,6 @@ func (r machineRecord) machine() provider.Machine {
 		Address: r.Address, LSPMURL: r.LSPMURL, CreatedAt: r.CreatedAt}
 }
 
-const recordFile = "machine.json"
-
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
 func (l *Local) machineDir(id string) string { return filepath.Join(l.cfg.Dir, "machines", id) }
@@ -332,15 +330,11 @@ func (l *Local) reap(cmd *exec.Cmd, log *slog.Logger) {
 // lockDir takes DIR/lock, which serializes the choice of hosts between
 // every Local on the dir.
 func (l *Local) lockDir() (unlock func(), err error) {
-	f, err := os.OpenFile(filepath.Join(l.cfg.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	unlock, err = statedir.Lock(l.cfg.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("local provider: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("local provider: lock %s: %w", f.Name(), err)
-	}
-	return func() { f.Close() }, nil
+	return unlock, nil
 }
 
 // freeHost picks N for a new machine: one no machine of the dir has (even
@@ -355,67 +349,21 @@ func (l *Local) freeHost() (int, error) {
 	for _, r := range recs {
 		used[r.Host] = true
 	}
-	for n := l.cfg.FirstHost; n <= l.cfg.LastHost; n++ {
-		if used[n] {
-			continue
-		}
-		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0."+strconv.Itoa(n), strconv.Itoa(l.cfg.LSPMPort)))
-		if err != nil {
-			continue
-		}
-		ln.Close()
-		return n, nil
-	}
-	return 0, provider.ErrNoCapacity
+	return statedir.FreeHost(l.cfg.FirstHost, l.cfg.LastHost, l.cfg.LSPMPort, func(n int) bool { return used[n] })
 }
 
-// records reads every machine.json of the dir. A machine dir without a
-// readable one (Create interrupted before it was written) has no LSPM and
-// is skipped.
+// records reads every machine record of the dir.
 func (l *Local) records() ([]machineRecord, error) {
-	ents, err := os.ReadDir(filepath.Join(l.cfg.Dir, "machines"))
+	recs, err := statedir.All[machineRecord](filepath.Join(l.cfg.Dir, "machines"), l.log)
 	if err != nil {
 		return nil, fmt.Errorf("local provider: %w", err)
-	}
-	var recs []machineRecord
-	for _, e := range ents {
-		if !e.IsDir() {
-			continue
-		}
-		r, err := readRecord(filepath.Join(l.cfg.Dir, "machines", e.Name()))
-		if err != nil {
-			if !errors.Is(err, fs.ErrNotExist) {
-				l.log.Warn("unreadable machine record", "machine", e.Name(), "err", err)
-			}
-			continue
-		}
-		recs = append(recs, r)
 	}
 	return recs, nil
 }
 
-func readRecord(dir string) (machineRecord, error) {
-	var r machineRecord
-	raw, err := os.ReadFile(filepath.Join(dir, recordFile))
-	if err == nil {
-		err = json.Unmarshal(raw, &r)
-	}
-	return r, err
-}
+func readRecord(dir string) (machineRecord, error) { return statedir.Read[machineRecord](dir) }
 
-// writeRecord replaces machine.json through a rename, so a reader never
-// sees a torn file.
-func writeRecord(dir string, r machineRecord) error {
-	raw, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := filepath.Join(dir, recordFile+".tmp")
-	if err := os.WriteFile(tmp, append(raw, '\n'), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(dir, recordFile))
-}
+func writeRecord(dir string, r machineRecord) error { return statedir.Write(dir, r) }
 
 // List returns the machines of fleet ("" for all), including those whose
 // LSPM died: they still are machines the VMM must delete.

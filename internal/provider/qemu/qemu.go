@@ -62,6 +62,7 @@ import (
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
 	"dedi.dev/dedi/internal/provider"
+	"dedi.dev/dedi/internal/provider/statedir"
 )
 
 var _ provider.Provider = (*QEMU)(nil)
@@ -234,7 +235,6 @@ func (r machineRecord) machine() provider.Machine {
 
 // Files of a machine dir.
 const (
-	recordFile  = "machine.json"
 	tokenFile   = "token"
 	initrdFile  = "initrd"
 	pidFile     = "qemu.pid"
@@ -657,15 +657,11 @@ func (q *QEMU) probeKVM(ctx context.Context, kernel string) error {
 // lockDir takes DIR/lock, which serializes the choice of hosts between
 // every QEMU on the dir.
 func (q *QEMU) lockDir() (unlock func(), err error) {
-	f, err := os.OpenFile(filepath.Join(q.cfg.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	unlock, err = statedir.Lock(q.cfg.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("qemu provider: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("qemu provider: lock %s: %w", f.Name(), err)
-	}
-	return func() { f.Close() }, nil
+	return unlock, nil
 }
 
 // freeHost picks N for a new machine: one no machine of the dir has and
@@ -679,69 +675,21 @@ func (q *QEMU) freeHost(skip map[int]bool) (int, error) {
 	for _, r := range recs {
 		used[r.Host] = true
 	}
-	for n := q.cfg.FirstHost; n <= q.cfg.LastHost; n++ {
-		if used[n] || skip[n] {
-			continue
-		}
-		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0."+strconv.Itoa(n), strconv.Itoa(q.cfg.LSPMPort)))
-		if err != nil {
-			continue
-		}
-		ln.Close()
-		return n, nil
-	}
-	return 0, provider.ErrNoCapacity
+	return statedir.FreeHost(q.cfg.FirstHost, q.cfg.LastHost, q.cfg.LSPMPort, func(n int) bool { return used[n] || skip[n] })
 }
 
-// records reads every machine.json of the dir. A machine dir without a
-// readable one (Create interrupted before it was written) has no qemu
-// and is skipped.
+// records reads every machine record of the dir.
 func (q *QEMU) records() ([]machineRecord, error) {
-	ents, err := os.ReadDir(filepath.Join(q.cfg.Dir, "machines"))
+	recs, err := statedir.All[machineRecord](filepath.Join(q.cfg.Dir, "machines"), q.log)
 	if err != nil {
 		return nil, fmt.Errorf("qemu provider: %w", err)
-	}
-	var recs []machineRecord
-	for _, e := range ents {
-		if !e.IsDir() {
-			continue
-		}
-		r, err := readRecord(filepath.Join(q.cfg.Dir, "machines", e.Name()))
-		if err != nil {
-			if !errors.Is(err, fs.ErrNotExist) {
-				q.log.Warn("unreadable machine record", "machine", e.Name(), "err", err)
-			}
-			continue
-		}
-		recs = append(recs, r)
 	}
 	return recs, nil
 }
 
-func readRecord(dir string) (machineRecord, error) {
-	var r machineRecord
-	raw, err := os.ReadFile(filepath.Join(dir, recordFile))
-	if err != nil {
-		return r, err
-	}
-	if err := json.Unmarshal(raw, &r); err != nil {
-		return r, fmt.Errorf("%s: %w", recordFile, err)
-	}
-	return r, nil
-}
+func readRecord(dir string) (machineRecord, error) { return statedir.Read[machineRecord](dir) }
 
-// writeRecord replaces machine.json atomically.
-func writeRecord(dir string, r machineRecord) error {
-	raw, err := json.Marshal(r)
-	if err != nil {
-		return err
-	}
-	tmp := filepath.Join(dir, recordFile+".tmp")
-	if err := os.WriteFile(tmp, raw, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(dir, recordFile))
-}
+func writeRecord(dir string, r machineRecord) error { return statedir.Write(dir, r) }
 
 // List returns the machines of fleet ("" for all) that have a record,
 // whether their qemu still runs or not (a powered-off VM keeps its

@@ -1,8 +1,10 @@
 package vmm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"hash/maphash"
 	"reflect"
 	"slices"
@@ -45,7 +47,9 @@ type report struct {
 	ShutdownAt   *time.Time    `json:"shutdownAt"`
 	At           time.Time     `json:"at"`
 
-	body []byte // the request body's buffer, pooled with the report
+	body []byte            // the request body's buffer, pooled with the report
+	rd   bytes.Buffer      // reads body
+	dec  *jsontext.Decoder // pooled with the report too
 }
 
 // decodeReport decodes a status report body into a pooled report; the
@@ -60,9 +64,256 @@ func decodeReport(body []byte) (*report, error) {
 }
 
 // decode decodes body into r, which holds nothing but its buffers.
+//
+// The body is read with one tokenizer and no reflection on the hot path.
+// The tokenizer's own duplicate-name check (a set of names per object) is
+// off: a bit per known member does the same job for the report and its
+// processes, and the nested values kept raw are checked by the strict
+// decode they get before they are first used (decodeFixed); equal bytes
+// to ones checked before need no second check.
 func (r *report) decode(body []byte) error {
-	return jsonv2.Unmarshal(body, r, jsonv2.RejectUnknownMembers(true))
+	r.rd = *bytes.NewBuffer(body)
+	if r.dec == nil {
+		r.dec = jsontext.NewDecoder(&r.rd, jsontext.AllowDuplicateNames(true))
+	} else {
+		r.dec.Reset(&r.rd, jsontext.AllowDuplicateNames(true))
+	}
+	dec := r.dec
+	defer dec.Reset(bytes.NewBuffer(nil)) // let go of body
+	if err := r.decodeFrom(dec); err != nil {
+		return err
+	}
+	// One value and nothing after it.
+	if _, err := dec.ReadToken(); err != io.EOF {
+		if err == nil {
+			err = errors.New("data after the report")
+		}
+		return err
+	}
+	return nil
 }
+
+// The report's members, by bit.
+const (
+	repMachineID = iota
+	repState
+	repSeq
+	repMaxProcesses
+	repProcesses
+	repEnded
+	repHardware
+	repStartedAt
+	repShutdownAt
+	repAt
+)
+
+var reportMembers = map[string]int{"machineId": repMachineID, "state": repState, "seq": repSeq,
+	"maxProcesses": repMaxProcesses, "processes": repProcesses, "ended": repEnded, "hardware": repHardware,
+	"startedAt": repStartedAt, "shutdownAt": repShutdownAt, "at": repAt}
+
+func (r *report) decodeFrom(dec *jsontext.Decoder) error {
+	tok, err := dec.ReadToken()
+	if err != nil {
+		return err
+	}
+	if tok.Kind() != jsontext.KindBeginObject {
+		return errors.New("a status report must be an object")
+	}
+	var seen uint32
+	for dec.PeekKind() != jsontext.KindEndObject {
+		name, err := memberName(dec, &r.Processes.unq)
+		if err != nil {
+			return err
+		}
+		i, ok := reportMembers[string(name)]
+		if !ok {
+			return fmt.Errorf("unknown field %q (field names are case-sensitive)", name)
+		}
+		if seen&(1<<i) != 0 {
+			return fmt.Errorf("duplicate field %q", name)
+		}
+		seen |= 1 << i
+		switch i {
+		case repMachineID:
+			err = readString(dec, &r.MachineID)
+		case repState:
+			var raw jsontext.Value
+			if raw, err = dec.ReadValue(); err == nil {
+				r.State, err = internedString(raw, loadStates)
+			}
+		case repSeq:
+			var n int64
+			if n, err = readInt(dec, true); err == nil {
+				r.Seq = uint64(n)
+			}
+		case repMaxProcesses:
+			var n int64
+			n, err = readInt(dec, false)
+			r.MaxProcesses = int(n)
+		case repProcesses:
+			err = r.Processes.decodeFrom(dec)
+		case repEnded:
+			err = readStrict(dec, &r.Ended)
+		case repHardware:
+			err = readStrict(dec, &r.Hardware)
+		case repStartedAt:
+			err = readTime(dec, &r.StartedAt)
+		case repShutdownAt:
+			var t time.Time
+			if err = readTime(dec, &t); err == nil && !t.IsZero() {
+				r.ShutdownAt = &t
+			}
+		case repAt:
+			err = readTime(dec, &r.At)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	_, err = dec.ReadToken()
+	return err
+}
+
+// memberName reads an object member's name; it is valid until the next
+// read.
+func memberName(dec *jsontext.Decoder, scratch *[]byte) ([]byte, error) {
+	raw, err := dec.ReadValue() // the name, still quoted
+	if err != nil {
+		return nil, err
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return raw[1 : len(raw)-1], nil
+	}
+	*scratch, err = jsontext.AppendUnquote((*scratch)[:0], raw)
+	return *scratch, err
+}
+
+func readString(dec *jsontext.Decoder, s *string) error {
+	tok, err := dec.ReadToken()
+	if err != nil {
+		return err
+	}
+	switch tok.Kind() {
+	case jsontext.KindString:
+		*s = tok.String()
+	case jsontext.KindNull:
+		*s = ""
+	default:
+		return fmt.Errorf("want a string, got %s", tok.Kind())
+	}
+	return nil
+}
+
+// internedString decodes a JSON string, returning the constant of known
+// when it is one of them, so that equal strings are not allocated anew
+// for every report.
+func internedString(raw jsontext.Value, known []string) (string, error) {
+	switch raw.Kind() {
+	case jsontext.KindNull:
+		return "", nil
+	case jsontext.KindString:
+	default:
+		return "", fmt.Errorf("want a string, got %s", raw.Kind())
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		in := raw[1 : len(raw)-1]
+		for _, k := range known {
+			if string(in) == k {
+				return k, nil
+			}
+		}
+		return string(in), nil
+	}
+	out, err := jsontext.AppendUnquote(nil, raw)
+	return string(out), err
+}
+
+// readInt reads a JSON integer: a number with a fraction or an exponent
+// is refused, as the strict decoder refuses it for an integer field.
+func readInt(dec *jsontext.Decoder, unsigned bool) (int64, error) {
+	raw, err := dec.ReadValue()
+	if err != nil {
+		return 0, err
+	}
+	switch raw.Kind() {
+	case jsontext.KindNull:
+		return 0, nil
+	case jsontext.KindNumber:
+	default:
+		return 0, fmt.Errorf("want a number, got %s", raw.Kind())
+	}
+	n, ok := parseInt(raw)
+	if !ok || (unsigned && n < 0) {
+		return 0, fmt.Errorf("%s is not a whole number in range", raw)
+	}
+	return n, nil
+}
+
+// parseInt parses a valid JSON number that is a whole int64.
+func parseInt(raw []byte) (int64, bool) {
+	neg := len(raw) > 0 && raw[0] == '-'
+	if neg {
+		raw = raw[1:]
+	}
+	if len(raw) == 0 || len(raw) > 19 {
+		return 0, false
+	}
+	var n uint64
+	for _, c := range raw {
+		if c < '0' || c > '9' {
+			return 0, false // a fraction or an exponent
+		}
+		n = n*10 + uint64(c-'0')
+	}
+	if neg {
+		if n > 1<<63 {
+			return 0, false
+		}
+		return -int64(n), true
+	}
+	if n > 1<<63-1 {
+		return 0, false
+	}
+	return int64(n), true
+}
+
+// readTime reads an RFC 3339 time or null (the zero time).
+func readTime(dec *jsontext.Decoder, t *time.Time) error {
+	raw, err := dec.ReadValue()
+	if err != nil {
+		return err
+	}
+	switch raw.Kind() {
+	case jsontext.KindNull:
+		*t = time.Time{}
+		return nil
+	case jsontext.KindString:
+	default:
+		return fmt.Errorf("want an RFC 3339 time, got %s", raw.Kind())
+	}
+	in := raw[1 : len(raw)-1]
+	if bytes.IndexByte(in, '\\') >= 0 {
+		if in, err = jsontext.AppendUnquote(nil, raw); err != nil {
+			return err
+		}
+	}
+	return t.UnmarshalText(in)
+}
+
+// readStrict decodes a value the steady path does not need fast (the
+// ended processes, the hardware) as strictly as rest.DecodeJSON.
+func readStrict(dec *jsontext.Decoder, v any) error {
+	raw, err := dec.ReadValue()
+	if err != nil {
+		return err
+	}
+	return jsonv2.Unmarshal(raw, v, jsonv2.RejectUnknownMembers(true))
+}
+
+var loadStates = []string{api.LoadEmpty, api.LoadPartial, api.LoadFull, api.LoadShuttingDown}
+
+var processStateNames = []string{api.StateReady, api.StateAllocated, api.StateStarting, api.StateExited,
+	api.StateCrashed, api.StateUnhealthy, api.StateKilled, api.StateLost}
 
 // liveProcess is one process of a report's live set.
 type liveProcess struct {
@@ -79,31 +330,39 @@ type liveProcess struct {
 	start, end      int       // fixed's place in the arena, while decoding
 }
 
-// movingNames are the members of a process that change between reports;
-// every other member of api.Process is fixed (see report).
-var movingNames = map[string]bool{"id": true, "state": true, "pid": true, "players": true, "instances": true,
-	"rssBytes": true, "readyAt": true, "lastHeartbeatAt": true}
+// The members of a process that change between reports, by bit; every
+// other member of api.Process is fixed (see report).
+const (
+	memID = iota
+	memState
+	memPID
+	memPlayers
+	memInstances
+	memRSSBytes
+	memReadyAt
+	memLastHeartbeatAt
+	memFixed // the first fixed member's bit
+)
 
-// fixedNames are the other members of api.Process, read off its type so
-// that a member added to the wire is never refused here; sorted, for a
-// binary search that is cheaper than a map on this path.
-var fixedNames = func() []string {
-	var out []string
+// processMembers gives each member of api.Process its bit: the moving ones
+// above, then the fixed ones, read off the type so that a member added to
+// the wire is never refused here.
+var processMembers = func() map[string]int {
+	out := map[string]int{"id": memID, "state": memState, "pid": memPID, "players": memPlayers,
+		"instances": memInstances, "rssBytes": memRSSBytes, "readyAt": memReadyAt, "lastHeartbeatAt": memLastHeartbeatAt}
+	moving := len(out)
 	t := reflect.TypeFor[api.Process]()
 	for i := 0; i < t.NumField(); i++ {
 		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
-		if name != "" && name != "-" && !movingNames[name] {
-			out = append(out, name)
+		if _, ok := out[name]; !ok && name != "" && name != "-" {
+			out[name] = memFixed + len(out) - moving
 		}
 	}
-	slices.Sort(out)
+	if len(out) > 64 {
+		panic("api.Process has more members than a report's bit set holds")
+	}
 	return out
 }()
-
-func isFixedName(name []byte) bool {
-	_, ok := slices.BinarySearch(fixedNames, string(name))
-	return ok
-}
 
 // decodeFixed decodes and type-checks a process's fixed members.
 func (p *liveProcess) decodeFixed() (api.Process, error) {
@@ -144,9 +403,9 @@ func (l *liveProcesses) All() []liveProcess { return l.list }
 
 var fixedSeed = maphash.MakeSeed()
 
-// UnmarshalJSONFrom decodes the live set, member by member, into the
-// buffers l already has.
-func (l *liveProcesses) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+// decodeFrom decodes the live set, member by member, into the buffers l
+// already has.
+func (l *liveProcesses) decodeFrom(dec *jsontext.Decoder) error {
 	l.list, l.arena = l.list[:0], l.arena[:0]
 	tok, err := dec.ReadToken()
 	if err != nil {
@@ -186,8 +445,8 @@ var reportPool = sync.Pool{New: func() any { return new(report) }}
 // reset empties r for reuse, keeping its buffers; a report holding
 // outsized buffers (a huge one) is not kept.
 func (r *report) reset() {
-	list, arena, unq, body := r.Processes.list[:0], r.Processes.arena[:0], r.Processes.unq[:0], r.body[:0]
-	*r = report{}
+	list, arena, unq, body, dec := r.Processes.list[:0], r.Processes.arena[:0], r.Processes.unq[:0], r.body[:0], r.dec
+	*r = report{dec: dec}
 	if cap(arena) <= 256<<10 && cap(body) <= 256<<10 {
 		r.Processes = liveProcesses{list: list, arena: arena, unq: unq}
 		r.body = body
@@ -212,70 +471,66 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, arena []byte, scratch *[]byt
 	}
 	arena = append(arena, '{')
 	first := true
-	unq := *scratch
-	defer func() { *scratch = unq }()
+	var seen uint64
 	for dec.PeekKind() != jsontext.KindEndObject {
-		raw, err := dec.ReadValue() // the member's name, still quoted
+		name, err := memberName(dec, scratch)
 		if err != nil {
 			return arena, err
 		}
-		if unq, err = jsontext.AppendUnquote(unq[:0], raw); err != nil {
-			return arena, err
+		i, ok := processMembers[string(name)]
+		if !ok {
+			return arena, fmt.Errorf("unknown field %q (field names are case-sensitive)", name)
 		}
-		switch string(unq) {
-		case "id":
-			err = jsonv2.UnmarshalDecode(dec, &p.ID)
-		case "state":
-			var s string
-			err = jsonv2.UnmarshalDecode(dec, &s)
-			p.State = internState(s)
-		case "pid":
-			err = jsonv2.UnmarshalDecode(dec, &p.PID)
-		case "players":
-			err = jsonv2.UnmarshalDecode(dec, &p.Players)
-		case "instances":
-			err = jsonv2.UnmarshalDecode(dec, &p.Instances)
-		case "rssBytes":
-			err = jsonv2.UnmarshalDecode(dec, &p.RSSBytes)
-		case "readyAt":
-			err = jsonv2.UnmarshalDecode(dec, &p.ReadyAt)
-		case "lastHeartbeatAt":
-			err = jsonv2.UnmarshalDecode(dec, &p.LastHeartbeatAt)
-		default:
-			if !isFixedName(unq) {
-				return arena, fmt.Errorf("unknown field %q (field names are case-sensitive)", unq)
+		if seen&(1<<i) != 0 {
+			return arena, fmt.Errorf("duplicate field %q", name)
+		}
+		seen |= 1 << i
+		var n int64
+		switch i {
+		case memID:
+			err = readString(dec, &p.ID)
+		case memState:
+			var raw jsontext.Value
+			if raw, err = dec.ReadValue(); err == nil {
+				p.State, err = internedString(raw, processStateNames)
 			}
+		case memPID:
+			n, err = readInt(dec, false)
+			p.PID = int(n)
+		case memPlayers:
+			n, err = readInt(dec, false)
+			p.Players = int(n)
+		case memInstances:
+			n, err = readInt(dec, false)
+			p.Instances = int(n)
+		case memRSSBytes:
+			p.RSSBytes, err = readInt(dec, false)
+		case memReadyAt:
+			err = readTime(dec, &p.ReadyAt)
+		case memLastHeartbeatAt:
+			err = readTime(dec, &p.LastHeartbeatAt)
+		default:
 			if !first {
 				arena = append(arena, ',')
 			}
 			first = false
-			arena = append(arena, raw...) // the name as sent; still valid: nothing was read since
-			arena = append(arena, ':')
+			// A known name: plain letters, quoted as they are.
+			arena = append(arena, '"')
+			arena = append(arena, name...)
+			arena = append(arena, '"', ':')
 			var v jsontext.Value
 			if v, err = dec.ReadValue(); err == nil {
 				arena = append(arena, v...)
 			}
 		}
 		if err != nil {
-			return arena, fmt.Errorf("%s: %w", unq, err)
+			return arena, fmt.Errorf("%s: %w", name, err)
 		}
 	}
 	if _, err := dec.ReadToken(); err != nil {
 		return arena, err
 	}
 	return append(arena, '}'), nil
-}
-
-// internState returns the constant for a known state, so that a report
-// does not allocate 32 copies of "ready".
-func internState(s string) string {
-	for _, st := range []string{api.StateReady, api.StateAllocated, api.StateStarting, api.StateExited,
-		api.StateCrashed, api.StateUnhealthy, api.StateKilled, api.StateLost} {
-		if s == st {
-			return st
-		}
-	}
-	return s
 }
 
 // validProcessID is API.md's process id: [A-Za-z0-9][A-Za-z0-9._-]{0,127}.

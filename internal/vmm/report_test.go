@@ -103,6 +103,12 @@ func TestBadReportChangesNothing(t *testing.T) {
 		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"players":4`, `"players":"4"`, 1)),
 		reportJSON(3, procJSON("p-1", api.StateCrashed, 4, `{}`)),
 		reportJSON(3, procJSON("p 1", api.StateReady, 4, `{}`)),
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"params":{}`, `"params":{},"params":{}`, 1)),
+		reportJSON(3, procJSON("p-1", api.StateReady, 4, `{}`), procJSON("p-2", api.StateReady, 1, `{"a":"1","a":"2"}`)),
+		strings.Replace(reportJSON(3, procJSON("p-1", api.StateReady, 4, `{}`)), `"seq":3`, `"seq":3,"seq":4`, 1),
+		strings.Replace(reportJSON(3, procJSON("p-1", api.StateReady, 4, `{}`)), `"seq":3`, `"seq":3,"Seq":4`, 1),
+		reportJSON(3, strings.Replace(procJSON("p-1", api.StateReady, 4, `{}`), `"pid":7`, `"pid":7.5`, 1)),
+		reportJSON(3, procJSON("p-1", api.StateReady, 4, `{}`)) + `{}`,
 		`{"seq":3,"state":"partial","processes":{}}`,
 		`{"seq":3,"state":"partial","processes":[1]}`,
 	}

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"fmt"
 	"path/filepath"
 	"testing"
 )
@@ -94,5 +95,30 @@ func TestPruneKeepsNewest(t *testing.T) {
 	snap, _ := s.Load()
 	if len(evs) != 3 || evs[0].Key != "8" || len(snap.Processes) != 5+2 {
 		t.Fatalf("events %d (first %s), processes %d", len(evs), evs[0].Key, len(snap.Processes))
+	}
+}
+
+// BenchmarkApply: one transaction of 32 process upserts and an event, as
+// a report that adopts a machine's processes writes.
+//
+//	go test ./internal/store -run '^$' -bench Apply
+func BenchmarkApply(b *testing.B) {
+	s, err := Open(filepath.Join(b.TempDir(), "vmm.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	body := []byte(`{"id":"p","state":"ready","command":["/opt/game/server"],"labels":{"region":"eu"},"ports":{"game":30000}}`)
+	ops := make([]Op, 33)
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		for j := 0; j < 32; j++ {
+			ops[j] = Op{Table: Processes, Key: fmt.Sprintf("p-%d", j), Fleet: "f", Machine: "m", State: "ready",
+				Order: int64(i*32 + j), Body: body}
+		}
+		ops[32] = Op{Table: Events, Seq: int64(i + 1), Body: body}
+		if err := s.Apply(ops); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

@@ -225,14 +225,24 @@ func (s *Store) Events(after int64, limit int) ([]Row, error) {
 	return s.rows(`SELECT CAST(seq AS TEXT), body FROM events WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit)
 }
 
-// Prune keeps the newest keepEvents events and keepEnded ended processes.
-func (s *Store) Prune(keepEvents, keepEnded int) error {
-	if _, err := s.db.Exec(`DELETE FROM events WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM events) - ?`, keepEvents); err != nil {
-		return fmt.Errorf("store: prune events: %w", err)
+// Prune deletes at most limit of the events beyond the newest keepEvents,
+// and at most limit of the ended processes beyond the newest keepEnded; it
+// reports whether more are left. Bounded, because every write of the VMM
+// waits while it runs: one delete of 290,000 events took 0.7 s on an idle
+// machine.
+func (s *Store) Prune(keepEvents, keepEnded, limit int) (more bool, err error) {
+	res, err := s.db.Exec(`DELETE FROM events WHERE seq IN (SELECT seq FROM events
+		WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM events) - ? ORDER BY seq LIMIT ?)`, keepEvents, limit)
+	if err != nil {
+		return false, fmt.Errorf("store: prune events: %w", err)
 	}
-	if _, err := s.db.Exec(`DELETE FROM processes WHERE ended = 1 AND key NOT IN
-		(SELECT key FROM processes WHERE ended = 1 ORDER BY rowid_order DESC LIMIT ?)`, keepEnded); err != nil {
-		return fmt.Errorf("store: prune processes: %w", err)
+	n, _ := res.RowsAffected()
+	more = n == int64(limit)
+	res, err = s.db.Exec(`DELETE FROM processes WHERE key IN (SELECT key FROM processes WHERE ended = 1
+		ORDER BY rowid_order DESC LIMIT ? OFFSET ?)`, limit, keepEnded)
+	if err != nil {
+		return false, fmt.Errorf("store: prune processes: %w", err)
 	}
-	return nil
+	n, _ = res.RowsAffected()
+	return more || n == int64(limit), nil
 }

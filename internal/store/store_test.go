@@ -88,8 +88,18 @@ func TestPruneKeepsNewest(t *testing.T) {
 	if err := s.Apply(ops); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Prune(3, 2); err != nil {
-		t.Fatal(err)
+	// In bounded steps: 2 rows of each kind at a time.
+	steps := 0
+	for more := true; more; steps++ {
+		if more, err = s.Prune(3, 2, 2); err != nil {
+			t.Fatal(err)
+		}
+		if steps > 10 {
+			t.Fatal("prune never finishes")
+		}
+	}
+	if steps != 4 { // 7 events: 2+2+2+1
+		t.Errorf("pruned in %d steps, want 4", steps)
 	}
 	evs, _ := s.Events(0, 100)
 	snap, _ := s.Load()

@@ -44,6 +44,7 @@ type state struct {
 	// have had LostAfter to reach the new VMM.
 	lostFrom time.Time
 	ticks    int
+	lastTick time.Time // when tick last ran: a long gap is the VMM's own stall
 }
 
 // pruneMachines forgets the oldest machines that are gone for good
@@ -730,6 +731,19 @@ func (s *state) markProcessLost(p *api.Process, detail string) {
 
 func (s *state) tick() {
 	now := s.now()
+	// A loop that could not tick for a report interval (a stalled disk, a
+	// starved host) has not been reading reports either: the machines'
+	// silence is the VMM's own. Lost detection waits one more interval, so
+	// that a stall of the VMM never ends the games of machines that
+	// reported all along.
+	if !s.lastTick.IsZero() && now.Sub(s.lastTick) > s.v.cfg.TickInterval+s.v.cfg.ReportInterval {
+		if hold := now.Add(s.v.cfg.ReportInterval); hold.After(s.lostFrom) {
+			s.lostFrom = hold
+		}
+		s.v.log.Warn("the VMM's loop stalled; lost detection held back one report interval",
+			"stall", now.Sub(s.lastTick).Round(time.Millisecond))
+	}
+	s.lastTick = now
 	perFleet := map[string]int{} // machines that serve or will: min machines counts these
 	for _, m := range s.machines {
 		switch m.m.State {

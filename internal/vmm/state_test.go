@@ -183,6 +183,38 @@ func bootOne(t testing.TB, tv *testVMM) string {
 	return m.ID
 }
 
+// A VMM whose loop stalled (here: the clock jumps past the lost timeout
+// between two ticks) has not been reading reports: it holds lost detection
+// back one report interval instead of ending the machine's games; a
+// machine that stays silent after that is lost.
+func TestVMMStallDoesNotLoseMachines(t *testing.T) {
+	tv := newTestVMM(t)
+	id := bootOne(t, tv)
+	code, raw := tv.req(t, "POST", "/v1/processes", testAdmin, api.StartRequest{Fleet: "f"})
+	if code != 201 {
+		t.Fatalf("start: %d %s", code, raw)
+	}
+	var p api.Process
+	_ = json.Unmarshal(raw, &p)
+	live := []api.Process{{ID: p.ID, State: api.StateReady}}
+	tv.step(time.Second) // the loop ticks as it does
+	tv.report(t, id, 2, live, nil)
+	tv.clk.Advance(5 * time.Second) // past LostAfter (3 s) in one tick: a stall
+	_ = tv.doWait(func(*state) {})
+	if st := tv.machine(t, id).State; st != api.MachineReady {
+		t.Fatalf("after the VMM's own stall: %s", st)
+	}
+	tv.report(t, id, 3, live, nil) // the machine was fine all along
+	tv.step(2500 * time.Millisecond)
+	if st := tv.machine(t, id).State; st != api.MachineReady {
+		t.Fatalf("lost too early after the stall: %s", st)
+	}
+	tv.step(time.Second)
+	if st := tv.machine(t, id).State; st != api.MachineLost {
+		t.Fatalf("after 3.5 silent intervals past the stall: %s", st)
+	}
+}
+
 func TestSilentMachineGoesLostWithItsProcesses(t *testing.T) {
 	tv := newTestVMM(t)
 	id := bootOne(t, tv)

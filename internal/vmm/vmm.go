@@ -354,11 +354,14 @@ func (v *VMM) post(fn func(s *state)) {
 // commitLoop writes batches in group commits: every batch waiting when a
 // transaction starts goes into it.
 func (v *VMM) commitLoop() {
-	lastPrune := time.Now()
+	lastPrune, pruning := time.Now(), false
 	for b := range v.commits {
-		if time.Since(lastPrune) > time.Minute {
+		// History beyond what is kept goes a bounded step at a time,
+		// between commits, so that no write waits long behind it.
+		if pruning || time.Since(lastPrune) > time.Minute {
 			lastPrune = time.Now()
-			if err := v.store.Prune(v.cfg.KeepEvents, v.cfg.KeepEnded); err != nil {
+			var err error
+			if pruning, err = v.store.Prune(v.cfg.KeepEvents, v.cfg.KeepEnded, 2000); err != nil {
 				v.log.Warn("prune the store", "err", err)
 			}
 		}

@@ -17,6 +17,7 @@
 //	DIR/lock                          serializes the choice of N between providers on DIR
 //	DIR/accel.json                    the KVM probe's result, for this host boot
 //	DIR/cache/<key>.cpio              an image's initramfs, unpacked once for all its machines
+//	DIR/cache/<key>.vmlinux           its kernel, uncompressed, booted through the PVH entry (empty: none)
 //	DIR/machines/<id>/machine.json    the machine: id, fleet, N, ports, image, qemu's pid and start time
 //	DIR/machines/<id>/token           its machine token (0600), for the drain on Delete
 //	DIR/machines/<id>/initrd          the image's initramfs + the machine's config (0600), removed once qemu has read it
@@ -315,6 +316,10 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 	if err := os.WriteFile(filepath.Join(dir, tokenFile), []byte(spec.Token), 0o600); err != nil {
 		return machineRecord{}, err
 	}
+	kernel, err := q.kernel(imgDir)
+	if err != nil {
+		return machineRecord{}, err
+	}
 	skip := map[int]bool{}
 	for attempt := 0; ; attempt++ {
 		n, err := q.freeHost(skip)
@@ -341,7 +346,7 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 		if err := ctx.Err(); err != nil {
 			return rec, err
 		}
-		err = q.startQEMU(dir, imgDir, accel, rec)
+		err = q.startQEMU(dir, kernel, accel, rec)
 		var busy errForwardBusy
 		if errors.As(err, &busy) && attempt < 5 {
 			q.log.Info("address taken while qemu started; trying another", "address", addr, "err", err)
@@ -402,11 +407,59 @@ func (q *QEMU) writeInitrd(dst, imgDir string, gc image.GuestConfig) error {
 }
 
 // plainInitramfs returns the image's initramfs unpacked, from
-// DIR/cache, unpacking it on first use. The cache key is the image dir
-// and the file's identity, so a rebuilt image is unpacked again (and
-// replaces its older entry). The caller holds the dir lock.
+// DIR/cache, unpacking it on first use. The caller holds the dir lock.
 func (q *QEMU) plainInitramfs(imgDir string) (string, error) {
 	src := filepath.Join(imgDir, image.QEMUInitramfsFile)
+	return q.cached(src, imgDir, ".cpio", func(in io.Reader, out io.Writer) error {
+		zr, err := gzip.NewReader(bufio.NewReaderSize(in, 1<<20))
+		if err != nil {
+			return fmt.Errorf("initramfs %s: %w", src, err)
+		}
+		if _, err := io.Copy(out, zr); err != nil {
+			return fmt.Errorf("initramfs %s: %w", src, err)
+		}
+		return nil
+	})
+}
+
+// kernel returns the kernel qemu boots for an image: the uncompressed
+// kernel, from DIR/cache, which qemu starts through its PVH entry (no
+// emulated BIOS, no emulated decompressor: about 0.5 s less per boot under
+// TCG), or the image's bzImage when it holds none (image.ErrNoPVH: the
+// cache then keeps an empty file, so the answer is not sought again). The
+// caller holds the dir lock.
+func (q *QEMU) kernel(imgDir string) (string, error) {
+	src := filepath.Join(imgDir, image.QEMUKernelFile)
+	p, err := q.cached(src, imgDir, ".vmlinux", func(in io.Reader, out io.Writer) error {
+		raw, err := io.ReadAll(in)
+		if err != nil {
+			return err
+		}
+		k, err := image.PVHKernel(raw)
+		if errors.Is(err, image.ErrNoPVH) {
+			q.log.Info("the image's kernel boots through the BIOS", "kernel", src, "why", err)
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		_, err = out.Write(k)
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	if st, err := os.Stat(p); err != nil || st.Size() == 0 {
+		return src, nil
+	}
+	return p, nil
+}
+
+// cached returns the file unpack makes of src, kept in DIR/cache for all
+// the machines of an image: made on first use. The cache key is the
+// image dir and src's identity, so a rebuilt image is unpacked again (and
+// its new entry replaces the older one). The caller holds the dir lock.
+func (q *QEMU) cached(src, imgDir, ext string, unpack func(io.Reader, io.Writer) error) (string, error) {
 	st, err := os.Stat(src)
 	if err != nil {
 		return "", err
@@ -419,31 +472,27 @@ func (q *QEMU) plainInitramfs(imgDir string) (string, error) {
 	fileKey := sha256.Sum256(fmt.Appendf(nil, "%d %d %d", st.Size(), st.ModTime().UnixNano(), ino))
 	prefix := hex.EncodeToString(dirKey[:8]) + "-"
 	cacheDir := filepath.Join(q.cfg.Dir, "cache")
-	dst := filepath.Join(cacheDir, prefix+hex.EncodeToString(fileKey[:8])+".cpio")
+	dst := filepath.Join(cacheDir, prefix+hex.EncodeToString(fileKey[:8])+ext)
 	if _, err := os.Stat(dst); err == nil {
 		return dst, nil
 	}
 	if err := os.MkdirAll(cacheDir, 0o700); err != nil {
 		return "", err
 	}
-	old, _ := filepath.Glob(filepath.Join(cacheDir, prefix+"*"))
+	old, _ := filepath.Glob(filepath.Join(cacheDir, prefix+"*"+ext))
 	in, err := os.Open(src)
 	if err != nil {
 		return "", err
 	}
 	defer in.Close()
-	zr, err := gzip.NewReader(bufio.NewReaderSize(in, 1<<20))
-	if err != nil {
-		return "", fmt.Errorf("initramfs %s: %w", src, err)
-	}
 	tmp, err := os.CreateTemp(cacheDir, ".unpack-")
 	if err != nil {
 		return "", err
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := io.Copy(tmp, zr); err != nil {
+	if err := unpack(in, tmp); err != nil {
 		tmp.Close()
-		return "", fmt.Errorf("initramfs %s: %w", src, err)
+		return "", err
 	}
 	if err := tmp.Close(); err != nil {
 		return "", err
@@ -463,7 +512,7 @@ type errForwardBusy struct{ msg string }
 func (e errForwardBusy) Error() string { return e.msg }
 
 // args is qemu's command line for a machine: nothing secret in it.
-func (q *QEMU) args(dir, imgDir, accel string, rec machineRecord) []string {
+func (q *QEMU) args(dir, kernel, accel string, rec machineRecord) []string {
 	var fwd strings.Builder
 	fmt.Fprintf(&fwd, "user,id=n0,net=10.0.2.0/24,host=%s,hostfwd=tcp:%s:%d-:%d", gatewayIP, rec.Address, q.cfg.LSPMPort, q.cfg.LSPMPort)
 	for p := rec.PortMin; p <= rec.PortMax; p++ {
@@ -477,7 +526,7 @@ func (q *QEMU) args(dir, imgDir, accel string, rec machineRecord) []string {
 	return append(args,
 		"-m", strconv.Itoa(q.cfg.MemoryMiB), "-smp", strconv.Itoa(q.cfg.CPUs),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-kernel", filepath.Join(imgDir, image.QEMUKernelFile),
+		"-kernel", kernel,
 		"-initrd", filepath.Join(dir, initrdFile),
 		"-append", image.QEMUCmdline,
 		"-serial", "file:"+filepath.Join(dir, consoleFile),
@@ -489,13 +538,13 @@ func (q *QEMU) args(dir, imgDir, accel string, rec machineRecord) []string {
 
 // startQEMU runs qemu daemonized: it returns once qemu has loaded the
 // kernel and initrd and bound its forwards, or failed to.
-func (q *QEMU) startQEMU(dir, imgDir, accel string, rec machineRecord) error {
+func (q *QEMU) startQEMU(dir, kernel, accel string, rec machineRecord) error {
 	logf, err := os.OpenFile(filepath.Join(dir, qemuLogFile), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(q.cfg.Binary, q.args(dir, imgDir, accel, rec)...)
+	cmd := exec.Command(q.cfg.Binary, q.args(dir, kernel, accel, rec)...)
 	cmd.Dir = dir
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	cmd.Stdout, cmd.Stderr = logf, logf

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -256,6 +257,17 @@ func TestMachineLifecycle(t *testing.T) {
 	}
 	if bytes.Contains(cmdline, []byte(sp.Token)) || bytes.Contains(cmdline, []byte(vmm.URL)) {
 		t.Errorf("qemu's command line holds the token or the VMM URL: %q", cmdline)
+	}
+	// The guest boots the uncompressed kernel from the cache through its
+	// PVH entry, not the image's bzImage through the BIOS.
+	if args := strings.Split(string(cmdline), "\x00"); !slices.ContainsFunc(args, func(a string) bool {
+		return strings.HasPrefix(a, filepath.Join(dir, "cache")+"/") && strings.HasSuffix(a, ".vmlinux")
+	}) {
+		t.Errorf("qemu's command line names no cached kernel: %q", cmdline)
+	}
+	// and skips what costs most under TCG and protects nothing in this VM.
+	if !bytes.Contains(cmdline, []byte("cryptomgr.notests mitigations=off")) {
+		t.Errorf("the kernel's command line runs the crypto self-tests or the mitigations: %q", cmdline)
 	}
 	if _, err := os.Stat(filepath.Join(q.machineDir(m.ProviderID), initrdFile)); !os.IsNotExist(err) {
 		t.Errorf("the per-machine initrd (with the token) is kept after boot: %v", err)
@@ -557,5 +569,54 @@ func httpDo(t *testing.T, method, url, token, body string, out any) (int, []byte
 			}
 		}
 		return resp.StatusCode, raw
+	}
+}
+
+// TestKernelCache: the uncompressed kernel is made once per image kernel
+// and reused; a rebuilt kernel replaces its entry; a kernel that cannot
+// boot through PVH is booted as it is, and the cache remembers that.
+func TestKernelCache(t *testing.T) {
+	needVMs(t)
+	dir := t.TempDir()
+	q := newQEMU(t, dir)
+	img, _ := image.ParseQEMURef(imageRef)
+	own := t.TempDir() // a copy of the image's kernel, to rebuild
+	raw, err := os.ReadFile(filepath.Join(img, image.QEMUKernelFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(own, image.QEMUKernelFile)
+	if err := os.WriteFile(src, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k1, err := q.kernel(own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st1, err := os.Stat(k1)
+	if err != nil || filepath.Dir(k1) != filepath.Join(dir, "cache") || st1.Size() < 2*int64(len(raw)) {
+		t.Fatalf("kernel %s (%v, %v): want an uncompressed kernel in the cache", k1, st1, err)
+	}
+	if again, err := q.kernel(own); err != nil || again != k1 {
+		t.Fatalf("second lookup %s, %v; want %s", again, err, k1)
+	}
+	if st, _ := os.Stat(k1); !st.ModTime().Equal(st1.ModTime()) {
+		t.Error("the cached kernel was made again")
+	}
+
+	// A kernel that is no bzImage (or no PVH kernel): qemu gets it as it is.
+	if err := os.WriteFile(src, []byte("not a kernel"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k2, err := q.kernel(own)
+	if err != nil || k2 != src {
+		t.Fatalf("kernel of a non-PVH image %s, %v; want %s", k2, err, src)
+	}
+	ents, _ := filepath.Glob(filepath.Join(dir, "cache", "*.vmlinux"))
+	if len(ents) != 1 || ents[0] == k1 {
+		t.Fatalf("cache entries %v, want one, replacing %s", ents, k1)
+	}
+	if st, _ := os.Stat(ents[0]); st.Size() != 0 {
+		t.Errorf("the entry of a non-PVH kernel holds %d bytes, want none", st.Size())
 	}
 }

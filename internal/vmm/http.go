@@ -475,22 +475,34 @@ func (v *VMM) start(ctx context.Context, req api.StartRequest) (api.Process, err
 	id := "p-" + uuid.NewString()
 	for attempt := 0; ; attempt++ {
 		var pl placement
+		var tg spawnTarget
+		var failed, targeted bool
 		var err error
-		if derr := v.doWait(func(s *state) { pl, err = s.place(req, id) }); derr != nil {
+		if derr := v.doWait(func(s *state) {
+			if pl, err = s.place(req, id); err != nil {
+				return
+			}
+			select {
+			case <-pl.ready: // a warm machine: its target in the same trip
+				tg, failed, err = s.target(pl, req)
+				targeted = true
+			default:
+			}
+		}); derr != nil {
 			return api.Process{}, derr
 		}
-		if err != nil {
+		if err != nil && !targeted {
 			return api.Process{}, err
 		}
-		select {
-		case <-pl.ready:
-		case <-ctx.Done():
-			v.post(func(s *state) { s.release(pl) })
-			return api.Process{}, rest.Errorf(rest.Timeout, api.CodeTimeout, "no machine of fleet %q became ready in time", req.Fleet)
+		if !targeted {
+			select {
+			case <-pl.ready:
+			case <-ctx.Done():
+				v.post(func(s *state) { s.release(pl) })
+				return api.Process{}, rest.Errorf(rest.Timeout, api.CodeTimeout, "no machine of fleet %q became ready in time", req.Fleet)
+			}
+			_ = v.doWait(func(s *state) { tg, failed, err = s.target(pl, req) })
 		}
-		var tg spawnTarget
-		var failed bool
-		_ = v.doWait(func(s *state) { tg, failed, err = s.target(pl, req) })
 		if err != nil {
 			v.post(func(s *state) { s.release(pl) })
 			if failed {
@@ -694,7 +706,7 @@ func (v *VMM) getLogs(w http.ResponseWriter, r *http.Request) {
 	}
 	req, _ := http.NewRequestWithContext(r.Context(), http.MethodGet, url+"/v1/processes/"+p.ID+"/logs?"+q.Encode(), nil)
 	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := (&http.Client{}).Do(req)
+	resp, err := (&http.Client{Transport: v.lspm.Transport}).Do(req) // no timeout: a followed log streams
 	if err != nil {
 		rest.WriteError(w, rest.Errorf(rest.Unavailable, "machine_unreachable", "machine %s: %v", p.MachineID, err))
 		return

@@ -509,7 +509,8 @@ func (s *state) placed(pl placement, p api.Process) api.Process {
 	if !api.IsTerminal(p.State) {
 		m.procs[p.ID] = struct{}{}
 	}
-	s.saveMachine(m)
+	// The machine's row is not written: its process count is rebuilt
+	// from the process rows at start.
 	s.saveProcess(&p)
 	s.event("process."+p.State, p.Fleet, p.MachineID, p.ID, p.State, "")
 	return p
@@ -604,9 +605,10 @@ func (s *state) applyReport(id string, st *report) (bool, []string, error) {
 	if len(m.procs) == 0 && m.reserved == 0 && m.idleAt.IsZero() {
 		m.idleAt = now
 	}
-	// Seq and report time live in memory: the row is written when
+	// Seq, report time and process count live in memory (the count is
+	// rebuilt from the process rows at start): the row is written when
 	// something a restarted VMM needs changed, not 2,000 times a second.
-	if dirty || m.m.ProcessCount != len(m.procs) {
+	if dirty {
 		s.saveMachine(m)
 	}
 	return true, missing, nil

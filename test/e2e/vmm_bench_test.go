@@ -215,7 +215,8 @@ func benchPlacement(b *testing.B, v *vmmProc, f api.Fleet, wait bool) {
 func BenchmarkPlacementWarm(b *testing.B) {
 	simDir := filepath.Join(b.TempDir(), "sim")
 	stub := startStubLSPM(b, simDir)
-	v := startVMM(b, "--sim-provider-dir", simDir)
+	// DEDI_BENCH_VMM_ARGS adds VMM flags (--pprof-listen 127.0.0.1:6060, say).
+	v := startVMM(b, append([]string{"--sim-provider-dir", simDir}, strings.Fields(os.Getenv("DEDI_BENCH_VMM_ARGS"))...)...)
 	stub.run(b, v)
 	b.Run("answer", func(b *testing.B) {
 		benchPlacement(b, v, api.Fleet{Name: "warm-sleep", Command: []string{"/bin/sleep", "3600"}, ProcessesPerMachine: 64}, false)

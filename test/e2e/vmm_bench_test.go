@@ -327,7 +327,6 @@ type stubReport struct {
 // reports are every machine's next status report.
 func (s *stubLSPM) reports() []stubReport {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	var out []stubReport
 	now := time.Now().UTC()
 	for id, procs := range s.live {
@@ -342,8 +341,13 @@ func (s *stubLSPM) reports() []stubReport {
 			st.Processes = append(st.Processes, p)
 		}
 		delete(s.ended, id)
-		body, _ := json.Marshal(st)
-		out = append(out, stubReport{st: st, token: s.tokens[id], body: body})
+		out = append(out, stubReport{st: st, token: s.tokens[id]})
+	}
+	s.mu.Unlock()
+	// Encoded outside the lock, as an LSPM encodes its report off its
+	// loop: spawns must not wait behind the encoding of 500 processes.
+	for i := range out {
+		out[i].body, _ = json.Marshal(out[i].st)
 	}
 	return out
 }

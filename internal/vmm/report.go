@@ -364,6 +364,15 @@ var processMembers = func() map[string]int {
 	return out
 }()
 
+// processMemberNames is processMembers the other way round.
+var processMemberNames = func() []string {
+	out := make([]string, len(processMembers))
+	for name, i := range processMembers {
+		out[i] = name
+	}
+	return out
+}()
+
 // decodeFixed decodes and type-checks a process's fixed members.
 func (p *liveProcess) decodeFixed() (api.Process, error) {
 	var f api.Process
@@ -396,6 +405,11 @@ type liveProcesses struct {
 	list  []liveProcess
 	arena []byte
 	unq   []byte // scratch for member names
+	// order is the members of the last process in the order it sent
+	// them: an LSPM sends every process's members in one order, so a
+	// name is matched by comparing it with the one at its place, not
+	// looked up.
+	order []int
 }
 
 // All returns the live processes.
@@ -421,7 +435,7 @@ func (l *liveProcesses) decodeFrom(dec *jsontext.Decoder) error {
 	for dec.PeekKind() != jsontext.KindEndArray {
 		var p liveProcess
 		p.start = len(l.arena)
-		if l.arena, err = p.decode(dec, l.arena, &l.unq); err != nil {
+		if err = p.decode(dec, l); err != nil {
 			return fmt.Errorf("processes[%d]: %w", len(l.list), err)
 		}
 		p.end = len(l.arena)
@@ -445,10 +459,10 @@ var reportPool = sync.Pool{New: func() any { return new(report) }}
 // reset empties r for reuse, keeping its buffers; a report holding
 // outsized buffers (a huge one) is not kept.
 func (r *report) reset() {
-	list, arena, unq, body, dec := r.Processes.list[:0], r.Processes.arena[:0], r.Processes.unq[:0], r.body[:0], r.dec
+	list, arena, unq, order, body, dec := r.Processes.list[:0], r.Processes.arena[:0], r.Processes.unq[:0], r.Processes.order, r.body[:0], r.dec
 	*r = report{dec: dec}
 	if cap(arena) <= 256<<10 && cap(body) <= 256<<10 {
-		r.Processes = liveProcesses{list: list, arena: arena, unq: unq}
+		r.Processes = liveProcesses{list: list, arena: arena, unq: unq, order: order}
 		r.body = body
 	}
 }
@@ -459,30 +473,42 @@ func (r *report) release() {
 	reportPool.Put(r)
 }
 
-// decode reads one process object, appending its fixed members to arena
-// as a JSON object of their own; scratch is reused for member names.
-func (p *liveProcess) decode(dec *jsontext.Decoder, arena []byte, scratch *[]byte) ([]byte, error) {
+// decode reads one process object, appending its fixed members to
+// l.arena as a JSON object of their own.
+func (p *liveProcess) decode(dec *jsontext.Decoder, l *liveProcesses) (err error) {
+	arena := l.arena
+	defer func() { l.arena = arena }()
 	tok, err := dec.ReadToken()
 	if err != nil {
-		return arena, err
+		return err
 	}
 	if tok.Kind() != jsontext.KindBeginObject {
-		return arena, errors.New("a process must be an object")
+		return errors.New("a process must be an object")
 	}
 	arena = append(arena, '{')
 	first := true
 	var seen uint64
-	for dec.PeekKind() != jsontext.KindEndObject {
-		name, err := memberName(dec, scratch)
+	for at := 0; dec.PeekKind() != jsontext.KindEndObject; at++ {
+		name, err := memberName(dec, &l.unq)
 		if err != nil {
-			return arena, err
+			return err
 		}
-		i, ok := processMembers[string(name)]
-		if !ok {
-			return arena, fmt.Errorf("unknown field %q (field names are case-sensitive)", name)
+		var i int
+		if at < len(l.order) && processMemberNames[l.order[at]] == string(name) {
+			i = l.order[at]
+		} else {
+			var ok bool
+			if i, ok = processMembers[string(name)]; !ok {
+				return fmt.Errorf("unknown field %q (field names are case-sensitive)", name)
+			}
+			if at < len(l.order) {
+				l.order[at] = i
+			} else {
+				l.order = append(l.order, i)
+			}
 		}
 		if seen&(1<<i) != 0 {
-			return arena, fmt.Errorf("duplicate field %q", name)
+			return fmt.Errorf("duplicate field %q", name)
 		}
 		seen |= 1 << i
 		var n int64
@@ -524,13 +550,14 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, arena []byte, scratch *[]byt
 			}
 		}
 		if err != nil {
-			return arena, fmt.Errorf("%s: %w", name, err)
+			return fmt.Errorf("%s: %w", name, err)
 		}
 	}
 	if _, err := dec.ReadToken(); err != nil {
-		return arena, err
+		return err
 	}
-	return append(arena, '}'), nil
+	arena = append(arena, '}')
+	return nil
 }
 
 // validProcessID is API.md's process id: [A-Za-z0-9][A-Za-z0-9._-]{0,127}.

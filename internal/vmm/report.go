@@ -142,13 +142,10 @@ func (r *report) decodeFrom(dec *jsontext.Decoder) error {
 				r.State, err = internedString(raw, loadStates)
 			}
 		case repSeq:
-			var n int64
-			if n, err = readInt(dec, true); err == nil {
-				r.Seq = uint64(n)
-			}
+			r.Seq, err = readUint(dec)
 		case repMaxProcesses:
 			var n int64
-			n, err = readInt(dec, false)
+			n, err = readInt(dec)
 			r.MaxProcesses = int(n)
 		case repProcesses:
 			err = r.Processes.decodeFrom(dec)
@@ -230,7 +227,7 @@ func internedString(raw jsontext.Value, known []string) (string, error) {
 
 // readInt reads a JSON integer: a number with a fraction or an exponent
 // is refused, as the strict decoder refuses it for an integer field.
-func readInt(dec *jsontext.Decoder, unsigned bool) (int64, error) {
+func readInt(dec *jsontext.Decoder) (int64, error) {
 	raw, err := dec.ReadValue()
 	if err != nil {
 		return 0, err
@@ -243,10 +240,49 @@ func readInt(dec *jsontext.Decoder, unsigned bool) (int64, error) {
 		return 0, fmt.Errorf("want a number, got %s", raw.Kind())
 	}
 	n, ok := parseInt(raw)
-	if !ok || (unsigned && n < 0) {
+	if !ok {
 		return 0, fmt.Errorf("%s is not a whole number in range", raw)
 	}
 	return n, nil
+}
+
+// readUint reads a JSON integer from 0 to the largest uint64.
+func readUint(dec *jsontext.Decoder) (uint64, error) {
+	raw, err := dec.ReadValue()
+	if err != nil {
+		return 0, err
+	}
+	switch raw.Kind() {
+	case jsontext.KindNull:
+		return 0, nil
+	case jsontext.KindNumber:
+	default:
+		return 0, fmt.Errorf("want a number, got %s", raw.Kind())
+	}
+	n, ok := parseUint(raw)
+	if !ok {
+		return 0, fmt.Errorf("%s is not a whole number in range", raw)
+	}
+	return n, nil
+}
+
+// parseUint parses a valid JSON number that is a whole uint64.
+func parseUint(raw []byte) (uint64, bool) {
+	if len(raw) == 0 || len(raw) > 20 {
+		return 0, false
+	}
+	var n uint64
+	for _, c := range raw {
+		if c < '0' || c > '9' {
+			return 0, false // a sign, a fraction or an exponent
+		}
+		d := uint64(c - '0')
+		if n > (1<<64-1-d)/10 {
+			return 0, false
+		}
+		n = n*10 + d
+	}
+	return n, true
 }
 
 // parseInt parses a valid JSON number that is a whole int64.
@@ -521,16 +557,16 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, l *liveProcesses) (err error
 				p.State, err = internedString(raw, processStateNames)
 			}
 		case memPID:
-			n, err = readInt(dec, false)
+			n, err = readInt(dec)
 			p.PID = int(n)
 		case memPlayers:
-			n, err = readInt(dec, false)
+			n, err = readInt(dec)
 			p.Players = int(n)
 		case memInstances:
-			n, err = readInt(dec, false)
+			n, err = readInt(dec)
 			p.Instances = int(n)
 		case memRSSBytes:
-			p.RSSBytes, err = readInt(dec, false)
+			p.RSSBytes, err = readInt(dec)
 		case memReadyAt:
 			err = readTime(dec, &p.ReadyAt)
 		case memLastHeartbeatAt:

@@ -154,3 +154,33 @@ func TestInternerSharesOnlyEqualValues(t *testing.T) {
 		t.Fatal("different values are shared")
 	}
 }
+
+// Numbers are read as the strict decoder reads them: a seq takes all of
+// uint64 and nothing below 0, integers take no fraction or exponent.
+func TestReportNumbers(t *testing.T) {
+	for _, c := range []struct {
+		body string
+		ok   bool
+		seq  uint64
+	}{
+		{`{"seq":18446744073709551615}`, true, 1<<64 - 1},
+		{`{"seq":18446744073709551616}`, false, 0},
+		{`{"seq":-1}`, false, 0},
+		{`{"seq":1.0}`, false, 0},
+		{`{"seq":7,"maxProcesses":-9223372036854775808}`, true, 7},
+		{`{"seq":7,"maxProcesses":9223372036854775808}`, false, 0},
+		{`{"seq":7,"processes":[{"pid":1e1}]}`, false, 0},
+	} {
+		r, err := decodeReport([]byte(c.body))
+		if (err == nil) != c.ok {
+			t.Errorf("%s: err %v, want ok %v", c.body, err, c.ok)
+			continue
+		}
+		if err == nil {
+			if r.Seq != c.seq {
+				t.Errorf("%s: seq %d, want %d", c.body, r.Seq, c.seq)
+			}
+			r.release()
+		}
+	}
+}

@@ -488,7 +488,8 @@ func BenchmarkStatusIngest(b *testing.B) {
 		if _, ok := metrics["vmm-cores"]; !ok {
 			b.Fatalf("no RESULT line from loadgen:\n%s", out.String())
 		}
-		for _, k := range []string{"vmm-cores", "vmm-rss-MiB", "reports/s", "target-reports/s", "p99-ms", "failed", "cut", "skipped", "not-applied"} {
+		for _, k := range []string{"vmm-cores", "vmm-rss-MiB", "reports/s", "target-reports/s", "p99-ms", "failed", "cut", "skipped", "not-applied",
+			"vmm-ms-per-report", "vmm-cores-at-target", "loadgen-cores"} {
 			b.ReportMetric(metrics[k], k)
 		}
 		v.kill9()

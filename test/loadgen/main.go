@@ -587,6 +587,14 @@ func report(c config, ms []*machine, tpls *templates) error {
 	// Sample the VMM while the reports flow.
 	sampleDone := make(chan struct{})
 	var sm *sampler
+	// The load generator samples itself too: it shares the machine with
+	// the VMM, and what it takes the VMM cannot have.
+	self, err := newSampler(os.Getpid())
+	if err != nil {
+		return err
+	}
+	selfMark := time.AfterFunc(time.Until(measureFrom), self.mark)
+	defer selfMark.Stop()
 	if c.pid > 0 {
 		var err error
 		if sm, err = newSampler(c.pid); err != nil {
@@ -650,6 +658,7 @@ dispatch:
 		cores, rssMax, rssEnd = sm.result()
 		close(sampleDone)
 	}
+	selfCores, _, _ := self.result()
 	close(jobs)
 	cutTimer := time.AfterFunc(max(c.interval, 2*time.Second), stop)
 	wg.Wait()
@@ -687,7 +696,16 @@ dispatch:
 	if sm != nil {
 		fmt.Printf("vmm pid %d over the measured window: %.3f cores on average, RSS at most %.0f MiB (%.0f MiB at the end)\n", c.pid, cores, rssMax, rssEnd)
 		result += fmt.Sprintf(" vmm-cores=%.3f vmm-rss-MiB=%.1f", cores, rssMax)
+		if rate > 0 {
+			// CPU per report, and what the target rate costs at that price:
+			// comparable between runs that kept up and runs that did not.
+			perReport := cores / rate
+			fmt.Printf("vmm CPU per report: %.3f ms; at the target %.0f reports/s: %.2f cores\n", perReport*1000, target, perReport*target)
+			result += fmt.Sprintf(" vmm-ms-per-report=%.4f vmm-cores-at-target=%.3f", perReport*1000, perReport*target)
+		}
 	}
+	fmt.Printf("load generator over the measured window: %.3f cores\n", selfCores)
+	result += fmt.Sprintf(" loadgen-cores=%.3f", selfCores)
 	fmt.Println(result)
 	return nil
 }

@@ -175,13 +175,21 @@ func upNetwork(cfg image.GuestConfig, log *slog.Logger) error {
 	return nil
 }
 
+// guestShimPoolIdle is how long the guest's LSPM waits, after its start
+// and after each spawn, before it starts pooled shims.
+const guestShimPoolIdle = 2 * time.Second
+
 // lspmArgs is the LSPM's command line: everything but the token, which
 // goes in its environment.
 func lspmArgs(cfg image.GuestConfig, m image.Manifest) []string {
 	port := strconv.Itoa(cfg.LSPMPort)
 	args := []string{"lspm", "--listen", "0.0.0.0:" + port, "--data-dir", filepath.Join(image.GuestDataDir, "lspm"),
 		"--machine-id", cfg.MachineID, "--address", cfg.Address, "--sdk-url", "http://127.0.0.1:" + port,
-		"--port-range", fmt.Sprintf("%d-%d", cfg.PortMin, cfg.PortMax), "--drain"}
+		"--port-range", fmt.Sprintf("%d-%d", cfg.PortMin, cfg.PortMax), "--drain",
+		// The VM may have a single, emulated CPU: a pooled shim starting
+		// beside the LSPM's start or the first game's would hold it up
+		// by the whole start of a dedi (0.2-0.4 s under TCG).
+		"--shim-pool-idle", guestShimPoolIdle.String()}
 	if cfg.VMMURL != "" {
 		args = append(args, "--vmm-url", cfg.VMMURL)
 	}

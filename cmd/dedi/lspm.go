@@ -44,6 +44,7 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs.IntVar(&cfg.History, "history", 100, "ended processes kept, with their logs")
 	fs.BoolVar(&cfg.DrainOnExit, "drain", false, "on SIGTERM, stop every game server before exiting (default: leave them running)")
 	fs.IntVar(&cfg.ShimPool, "shim-pool", 2, "shims started ahead of need, to take their start off the spawn path")
+	fs.DurationVar(&cfg.ShimPoolIdle, "shim-pool-idle", 0, "start pooled shims only once no spawn has taken one for this long (0: at once)")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return errUsage

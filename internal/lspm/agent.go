@@ -89,7 +89,7 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 	if cfg.Token != "" {
 		a.machineTH = rest.TokenHash(cfg.Token)
 	}
-	a.shims = newShimPool(cfg.ShimPath, cfg.ShimPool, a.log)
+	a.shims = newShimPool(cfg.ShimPath, cfg.ShimPool, cfg.ShimPoolIdle, a.log)
 	a.persist = newPersister(func(dir string, err error) {
 		a.log.Error("persist process dir", "dir", dir, "err", err)
 	})
@@ -199,6 +199,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.goOwned(func(context.Context) { serveErr <- srv.Serve(a.ln) })
 	a.goOwned(a.sampleMemory)
 	a.goOwned(a.shims.fill)
+	a.goOwned(a.allow.prewarm)
 	a.goOwned(a.persist.run)
 	if a.cfg.VMMURL != "" {
 		// The first report goes at once: it is how the VMM learns that a

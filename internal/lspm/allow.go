@@ -1,6 +1,7 @@
 package lspm
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"sync"
 	"syscall"
 
@@ -23,8 +25,9 @@ import (
 type allowList struct {
 	pinned map[string]string // resolved path -> sha256 ("" for any)
 
-	mu    sync.Mutex
-	cache map[string]hashEntry
+	mu       sync.Mutex
+	cache    map[string]hashEntry
+	inflight map[string]chan struct{} // closed when that path's hashing ends
 }
 
 type hashEntry struct {
@@ -34,7 +37,7 @@ type hashEntry struct {
 }
 
 func newAllowList(defaultCmd []string, allow []Allowed) (*allowList, error) {
-	a := &allowList{pinned: map[string]string{}, cache: map[string]hashEntry{}}
+	a := &allowList{pinned: map[string]string{}, cache: map[string]hashEntry{}, inflight: map[string]chan struct{}{}}
 	add := func(path, sum string) error {
 		p, err := resolveExecutable(path)
 		if err != nil {
@@ -117,40 +120,79 @@ func (a *allowList) check(argv0 string) (string, error) {
 	return p, nil
 }
 
+// prewarm hashes every pinned executable once, so the first spawn of
+// each finds its hash cached: the LSPM runs it at start, while it waits
+// for its first report's answer and the first spawn. A spawn that comes
+// while a hash is being made waits for it instead of making another.
+func (a *allowList) prewarm(ctx context.Context) {
+	paths := make([]string, 0, len(a.pinned))
+	for p, sum := range a.pinned {
+		if sum != "" {
+			paths = append(paths, p)
+		}
+	}
+	sort.Strings(paths)
+	for _, p := range paths {
+		if ctx.Err() != nil {
+			return
+		}
+		_, _ = a.hash(p) // an error shows again, to the spawn that names it
+	}
+}
+
 func (a *allowList) hash(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return "", err
-	}
-	sys, _ := st.Sys().(*syscall.Stat_t)
-	var key hashEntry
-	if sys != nil {
-		key = hashEntry{dev: sys.Dev, ino: sys.Ino, size: uint64(sys.Size),
-			mtimeNS: sys.Mtim.Nano(), ctimeNS: sys.Ctim.Nano()}
-	}
-	a.mu.Lock()
-	e, ok := a.cache[path]
-	a.mu.Unlock()
-	if ok && sys != nil && e.dev == key.dev && e.ino == key.ino && e.size == key.size &&
-		e.mtimeNS == key.mtimeNS && e.ctimeNS == key.ctimeNS {
-		return e.sum, nil
-	}
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	key.sum = hex.EncodeToString(h.Sum(nil))
-	if sys != nil {
+	for {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return "", err
+		}
+		sys, _ := st.Sys().(*syscall.Stat_t)
+		var key hashEntry
+		if sys != nil {
+			key = hashEntry{dev: sys.Dev, ino: sys.Ino, size: uint64(sys.Size),
+				mtimeNS: sys.Mtim.Nano(), ctimeNS: sys.Ctim.Nano()}
+		}
 		a.mu.Lock()
-		a.cache[path] = key
+		e, ok := a.cache[path]
+		if ok && sys != nil && e.dev == key.dev && e.ino == key.ino && e.size == key.size &&
+			e.mtimeNS == key.mtimeNS && e.ctimeNS == key.ctimeNS {
+			a.mu.Unlock()
+			f.Close()
+			return e.sum, nil
+		}
+		if wait, busy := a.inflight[path]; busy {
+			// Hashed by another caller now: its result is cached when it
+			// ends, and checked against the file as it is then.
+			a.mu.Unlock()
+			f.Close()
+			<-wait
+			continue
+		}
+		done := make(chan struct{})
+		a.inflight[path] = done
 		a.mu.Unlock()
+
+		h := sha256.New()
+		_, err = io.Copy(h, f)
+		f.Close()
+		key.sum = hex.EncodeToString(h.Sum(nil))
+		a.mu.Lock()
+		if err == nil && sys != nil {
+			a.cache[path] = key
+		}
+		delete(a.inflight, path)
+		close(done)
+		a.mu.Unlock()
+		if err != nil {
+			return "", err
+		}
+		return key.sum, nil
 	}
-	return key.sum, nil
 }
 
 // FileSHA256 returns the hex SHA-256 of a file (for --allow PATH=SHA256).

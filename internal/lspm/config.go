@@ -65,6 +65,10 @@ type Config struct {
 	// ShimPool is the number of shims started ahead of need (0: none, each
 	// spawn starts its own).
 	ShimPool int
+	// ShimPoolIdle, when set, holds the pool's shim starts until no spawn
+	// has taken a shim for that long (0: a shim is started at once, and
+	// replaced shortly after a spawn takes it).
+	ShimPoolIdle time.Duration
 	// CheckInterval is how often health deadlines and memory are checked.
 	CheckInterval time.Duration
 }
@@ -183,6 +187,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShimPool < 0 || c.ShimPool > 64 {
 		return errors.New("the shim pool holds 0 to 64 shims")
+	}
+	if c.ShimPoolIdle < 0 {
+		return errors.New("the shim pool's idle time must not be negative")
 	}
 	if c.MemoryLimit < 0 {
 		return errors.New("memory limit must not be negative")

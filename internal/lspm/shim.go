@@ -321,10 +321,36 @@ type shimPool struct {
 	path  string
 	ready chan *shimProc
 	log   interface{ Warn(string, ...any) }
+	// idle, when set, is how long no spawn must have taken a shim before
+	// the pool starts one: on a machine with one slow CPU (an emulated VM)
+	// a shim starting beside a spawn, or beside the LSPM's start, delays
+	// it by the shim's whole start.
+	idle time.Duration
+	used chan struct{} // a spawn took a shim, or started its own
 }
 
-func newShimPool(path string, size int, log interface{ Warn(string, ...any) }) *shimPool {
-	return &shimPool{path: path, ready: make(chan *shimProc, size), log: log}
+func newShimPool(path string, size int, idle time.Duration, log interface{ Warn(string, ...any) }) *shimPool {
+	return &shimPool{path: path, ready: make(chan *shimProc, size), log: log, idle: idle, used: make(chan struct{}, 1)}
+}
+
+// waitIdle returns once no spawn has used the pool for p.idle, or false
+// when ctx is done.
+func (p *shimPool) waitIdle(ctx context.Context) bool {
+	if p.idle <= 0 {
+		return true
+	}
+	t := time.NewTimer(p.idle)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.used:
+			t.Reset(p.idle)
+		case <-t.C:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
 }
 
 // fill keeps the pool full until ctx is done, then stops the idle shims.
@@ -342,7 +368,11 @@ func (p *shimPool) fill(ctx context.Context) {
 	if cap(p.ready) == 0 {
 		return
 	}
-	for {
+	for first := true; ; first = false {
+		// With an idle time, the LSPM's start counts as a use.
+		if p.idle > 0 && (first || len(p.used) > 0) && !p.waitIdle(ctx) {
+			return
+		}
 		s, err := newShim(p.path)
 		if err != nil {
 			p.log.Warn("shim pool: cannot start a shim", "err", err)
@@ -376,6 +406,10 @@ const refillDelay = 20 * time.Millisecond
 
 // get returns a waiting shim, from the pool when one is there.
 func (p *shimPool) get() (*shimProc, error) {
+	select {
+	case p.used <- struct{}{}:
+	default:
+	}
 	select {
 	case s := <-p.ready:
 		if pidAlive(s.cmd.Process.Pid, s.start) {

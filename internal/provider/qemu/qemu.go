@@ -522,6 +522,12 @@ func (q *QEMU) args(dir, kernel, accel string, rec machineRecord) []string {
 		"-machine", "q35", "-accel", accel}
 	if accel == "kvm" {
 		args = append(args, "-cpu", "host")
+	} else {
+		// qemu's default CPU, with RDRAND (qemu answers it from the host's
+		// getrandom): the guest kernel seeds its random number generator
+		// at once instead of gathering timer jitter for a second, which
+		// held up the LSPM's first game token (see image.QEMUCmdline).
+		args = append(args, "-cpu", "qemu64,+rdrand")
 	}
 	return append(args,
 		"-m", strconv.Itoa(q.cfg.MemoryMiB), "-smp", strconv.Itoa(q.cfg.CPUs),

@@ -269,6 +269,10 @@ func TestMachineLifecycle(t *testing.T) {
 	if !bytes.Contains(cmdline, []byte("cryptomgr.notests mitigations=off")) {
 		t.Errorf("the kernel's command line runs the crypto self-tests or the mitigations: %q", cmdline)
 	}
+	// and seeds its random numbers from the (emulated) CPU's RDRAND.
+	if !bytes.Contains(cmdline, []byte("qemu64,+rdrand")) || !bytes.Contains(cmdline, []byte("random.trust_cpu=on")) {
+		t.Errorf("the guest's kernel gets no RDRAND to seed its random numbers: %q", cmdline)
+	}
 	if _, err := os.Stat(filepath.Join(q.machineDir(m.ProviderID), initrdFile)); !os.IsNotExist(err) {
 		t.Errorf("the per-machine initrd (with the token) is kept after boot: %v", err)
 	}

@@ -20,6 +20,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
+	"dedi.dev/dedi/internal/lspm"
 )
 
 // runInit is "dedi init", PID 1 of a qemu image's VM (the kernel starts
@@ -181,7 +182,7 @@ const guestShimPoolIdle = 2 * time.Second
 
 // lspmArgs is the LSPM's command line: everything but the token, which
 // goes in its environment.
-func lspmArgs(cfg image.GuestConfig, m image.Manifest) []string {
+func lspmArgs(cfg image.GuestConfig, m image.Manifest, verified []lspm.Verified) []string {
 	port := strconv.Itoa(cfg.LSPMPort)
 	args := []string{"lspm", "--listen", "0.0.0.0:" + port, "--data-dir", filepath.Join(image.GuestDataDir, "lspm"),
 		"--machine-id", cfg.MachineID, "--address", cfg.Address, "--sdk-url", "http://127.0.0.1:" + port,
@@ -202,11 +203,36 @@ func lspmArgs(cfg image.GuestConfig, m image.Manifest) []string {
 	for _, a := range append(m.Allow(), cfg.Allow...) {
 		args = append(args, "--allow", a)
 	}
+	for _, v := range verified {
+		args = append(args, "--verified", v.String())
+	}
 	cmd := cfg.Command
 	if len(cmd) == 0 {
 		cmd = m.Command
 	}
 	return append(append(args, "--"), cmd...)
+}
+
+// verifiedAtBoot returns, when the host checked this boot's initramfs
+// against the manifest (cfg.Verified), each executable's identity as it
+// is now, before any game ran: the LSPM then takes the manifest's hash for
+// a file that still has that identity instead of hashing it again (a
+// second or more of the first spawn under TCG), in this and every later
+// LSPM of this boot. A file changed since is hashed at its spawn.
+func verifiedAtBoot(log *slog.Logger, cfg image.GuestConfig, m image.Manifest) []lspm.Verified {
+	if !cfg.Verified {
+		return nil
+	}
+	var out []lspm.Verified
+	for _, e := range m.Executables {
+		v, err := lspm.VerifiedFile(e.Path, e.SHA256)
+		if err != nil {
+			log.Warn("executable of the manifest", "path", e.Path, "err", err)
+			continue
+		}
+		out = append(out, v)
+	}
+	return out
 }
 
 // superviseLSPM starts the LSPM, reaps every child that ends (PID 1
@@ -217,7 +243,7 @@ func superviseLSPM(log *slog.Logger, cfg image.GuestConfig) {
 		log.Error("manifest", "err", err)
 		powerOff()
 	}
-	args := lspmArgs(cfg, m)
+	args := lspmArgs(cfg, m, verifiedAtBoot(log, cfg, m))
 	env := []string{"PATH=/bin", "HOME=/root", api.EnvMachineToken + "=" + cfg.Token}
 	backoff := time.Second
 	for {

@@ -19,7 +19,7 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("dedi lspm", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var cfg lspm.Config
-	var allow listFlag
+	var allow, verified listFlag
 	var portRange, memLimit, logMax, logLevel string
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7701", "address of the REST API (port 0 picks one, written to DATA-DIR/lspm.addr)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for process records and logs (required)")
@@ -35,6 +35,7 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.Address, "address", "", "address game clients use to reach this machine (default: the listen host)")
 	fs.StringVar(&cfg.SDKURL, "sdk-url", "", "LSPM URL given to processes (default: from --listen)")
 	fs.Var(&allow, "allow", "executable a spawn may name, PATH[=SHA256] (repeatable)")
+	fs.Var(&verified, "verified", "a pinned executable already hashed, as it was then: PATH=SHA256@DEV:INO:SIZE:MTIME_NS:CTIME_NS (repeatable; set by dedi init)")
 	fs.DurationVar(&cfg.HealthPeriod, "health-period", 0, "default heartbeat period (default 2s)")
 	fs.IntVar(&cfg.FailureThreshold, "failure-threshold", 0, "default missed heartbeats before a process is unhealthy (default 3)")
 	fs.DurationVar(&cfg.StartTimeout, "start-timeout", 0, "default time to become ready (default 60s)")
@@ -95,6 +96,13 @@ func runLSPM(args []string, stderr io.Writer) error {
 			return fmt.Errorf("--allow %s: %w", s, err)
 		}
 		cfg.Allow = append(cfg.Allow, al)
+	}
+	for _, s := range verified {
+		v, err := lspm.ParseVerified(s)
+		if err != nil {
+			return fmt.Errorf("--verified %s: %w", s, err)
+		}
+		cfg.Verified = append(cfg.Verified, v)
 	}
 	log, err := newLogger(stderr, logLevel)
 	if err != nil {

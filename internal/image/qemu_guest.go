@@ -76,8 +76,13 @@ type GuestConfig struct {
 	ReportInterval time.Duration `json:"reportInterval,omitempty"`
 	Command        []string      `json:"command,omitempty"` // the LSPM's default command; empty: the manifest's
 	Allow          []string      `json:"allow,omitempty"`   // more --allow values, each naming an executable of the manifest
-	IP             string        `json:"ip"`                // the guest's address with prefix length
-	Gateway        string        `json:"gateway"`
+	// Verified says the host checked this boot's initramfs with
+	// VerifyInitramfs: every executable of its manifest has its pinned
+	// hash, so the guest need not hash them again as long as each is the
+	// file unpacked at boot.
+	Verified bool   `json:"verified,omitempty"`
+	IP       string `json:"ip"` // the guest's address with prefix length
+	Gateway  string `json:"gateway"`
 }
 
 // Validate reports a config the init cannot boot with.

@@ -81,6 +81,9 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	if n := allow.seed(cfg.Verified); n < len(cfg.Verified) {
+		log.Warn("some --verified files are not pinned executables with that hash; they are hashed at their first spawn", "taken", n, "given", len(cfg.Verified))
+	}
 	a := &Agent{
 		cfg: cfg, log: log.With("machine", cfg.MachineID), clock: clk, allow: allow,
 		hardware: readHardware(), startedAt: clk.Now().UTC(),

@@ -4,12 +4,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -66,6 +69,82 @@ func newAllowList(defaultCmd []string, allow []Allowed) (*allowList, error) {
 		}
 	}
 	return a, nil
+}
+
+// Verified is a pinned executable whose content someone the LSPM trusts
+// as itself (the VM's init, from the host's check of the image) already
+// matched against its hash, with the identity the file had then. The LSPM
+// takes that hash as long as the file keeps that identity, as it does
+// with its own hashes; a file changed since is hashed again.
+type Verified struct {
+	Path             string
+	SHA256           string
+	Dev, Ino, Size   uint64
+	MtimeNS, CtimeNS int64
+}
+
+// String is the --verified form: PATH=SHA256@DEV:INO:SIZE:MTIME:CTIME,
+// the times in nanoseconds.
+func (v Verified) String() string {
+	return fmt.Sprintf("%s=%s@%d:%d:%d:%d:%d", v.Path, v.SHA256, v.Dev, v.Ino, v.Size, v.MtimeNS, v.CtimeNS)
+}
+
+// ParseVerified reads the --verified form (Verified.String).
+func ParseVerified(s string) (Verified, error) {
+	at := strings.LastIndexByte(s, '@')
+	if at < 0 {
+		return Verified{}, errors.New("want PATH=SHA256@DEV:INO:SIZE:MTIME:CTIME")
+	}
+	al, err := ParseAllowed(s[:at])
+	if err != nil {
+		return Verified{}, err
+	}
+	if al.SHA256 == "" || !filepath.IsAbs(al.Path) {
+		return Verified{}, errors.New("want an absolute PATH=SHA256 before the @")
+	}
+	f := strings.Split(s[at+1:], ":")
+	if len(f) != 5 {
+		return Verified{}, errors.New("want DEV:INO:SIZE:MTIME:CTIME after the @")
+	}
+	var n [5]uint64
+	for i := range f {
+		if n[i], err = strconv.ParseUint(f[i], 10, 64); err != nil {
+			return Verified{}, fmt.Errorf("identity field %d: %w", i+1, err)
+		}
+	}
+	return Verified{Path: al.Path, SHA256: al.SHA256, Dev: n[0], Ino: n[1], Size: n[2],
+		MtimeNS: int64(n[3]), CtimeNS: int64(n[4])}, nil
+}
+
+// VerifiedFile returns path's identity now, for a hash sum checked by
+// other means; path must be a regular file, not a symlink.
+func VerifiedFile(path, sum string) (Verified, error) {
+	var st syscall.Stat_t
+	if err := syscall.Lstat(path, &st); err != nil {
+		return Verified{}, err
+	}
+	if st.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		return Verified{}, fmt.Errorf("%s is not a regular file", path)
+	}
+	return Verified{Path: path, SHA256: sum, Dev: st.Dev, Ino: st.Ino, Size: uint64(st.Size),
+		MtimeNS: st.Mtim.Nano(), CtimeNS: st.Ctim.Nano()}, nil
+}
+
+// seed takes the hashes of verified files that pin an executable of the
+// list with the same hash; it returns how many it took.
+func (a *allowList) seed(vs []Verified) int {
+	n := 0
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, v := range vs {
+		p, err := resolveExecutable(v.Path)
+		if err != nil || p != v.Path || a.pinned[p] != v.SHA256 {
+			continue
+		}
+		a.cache[p] = hashEntry{dev: v.Dev, ino: v.Ino, size: v.Size, mtimeNS: v.MtimeNS, ctimeNS: v.CtimeNS, sum: v.SHA256}
+		n++
+	}
+	return n
 }
 
 // resolveExecutable turns a command name into an absolute, symlink-free path

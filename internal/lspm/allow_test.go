@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -91,4 +92,69 @@ func TestAllowHashConcurrent(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+}
+
+// TestAllowSeed: a verified hash is taken for a file with the identity it
+// was verified as, without reading it; a changed file is hashed again; a
+// verified hash that is not the pin is not taken.
+func TestAllowSeed(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	game := filepath.Join(dir, "game")
+	pin := writeExe(t, game, []byte("#!/bin/sh\nexit 0\n"))
+	// The file now differs from the pin: only a seed makes it pass.
+	writeExe(t, game, []byte("#!/bin/sh\nexit 9\n"))
+	v, err := VerifiedFile(game, pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back, err := ParseVerified(v.String()); err != nil || back != v {
+		t.Fatalf("ParseVerified(%q) = %+v, %v; want %+v", v.String(), back, err, v)
+	}
+	a, err := newAllowList(nil, []Allowed{{Path: game, SHA256: pin}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := v
+	other.SHA256 = strings.Repeat("0", 64)
+	if n := a.seed([]Verified{other}); n != 0 {
+		t.Fatal("a verified hash other than the pin was taken")
+	}
+	if _, err := a.check(game); err == nil {
+		t.Fatal("check passed a file that does not match its pin")
+	}
+	if n := a.seed([]Verified{v}); n != 1 {
+		t.Fatalf("seed took %d, want 1", n)
+	}
+	if _, err := a.check(game); err != nil {
+		t.Fatalf("check of a verified file: %v", err)
+	}
+	time.Sleep(10 * time.Millisecond)
+	writeExe(t, game, []byte("#!/bin/sh\nexit 8\n"))
+	if _, err := a.check(game); err == nil {
+		t.Fatal("a file changed after its verification passed the check")
+	}
+}
+
+func TestParseVerifiedErrors(t *testing.T) {
+	sum := strings.Repeat("ab", 32)
+	for _, s := range []string{"", "/x=" + sum, "/x@1:2:3:4:5", "x=" + sum + "@1:2:3:4:5", "/x=" + sum + "@1:2:3:4",
+		"/x=" + sum + "@1:2:3:4:-5", "/x=zz@1:2:3:4:5", "/x=" + sum + "@a:2:3:4:5"} {
+		if v, err := ParseVerified(s); err == nil {
+			t.Errorf("ParseVerified(%q) = %+v", s, v)
+		}
+	}
+}
+
+func FuzzParseVerified(f *testing.F) {
+	f.Add("/opt/game/echo=" + strings.Repeat("0f", 32) + "@1:2:3:4:5")
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := ParseVerified(s)
+		if err != nil {
+			return
+		}
+		if back, err := ParseVerified(v.String()); err != nil || back != v {
+			t.Fatalf("%q: round trip %+v, %v; want %+v", s, back, err, v)
+		}
+	})
 }

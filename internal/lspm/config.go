@@ -43,6 +43,9 @@ type Config struct {
 	DefaultCommand []string
 	// Allow lists the executables a spawn may name, with optional SHA-256.
 	Allow []Allowed
+	// Verified are pinned executables already hashed by the VM's init's
+	// host, with the identity the file had then (see Verified).
+	Verified []Verified
 	// Health holds the defaults of per-process health settings.
 	HealthPeriod     time.Duration
 	FailureThreshold int

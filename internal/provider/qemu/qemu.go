@@ -184,8 +184,9 @@ type QEMU struct {
 	log  *slog.Logger
 	http *http.Client
 
-	mu    sync.Mutex // serializes Create; guards accel
-	accel string     // "kvm" or "tcg" once decided
+	mu       sync.Mutex      // serializes Create; guards accel and verified
+	accel    string          // "kvm" or "tcg" once decided
+	verified map[string]bool // cached initramfs -> its executables match its manifest
 }
 
 // New returns a provider over cfg.Dir, creating it if needed. It does not
@@ -377,11 +378,12 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 // unpacked (the guest boots faster without inflating it), followed by the
 // machine's config cpio; readable only by this user.
 func (q *QEMU) writeInitrd(dst, imgDir string, gc image.GuestConfig) error {
-	extra, err := image.MachineInitramfs(gc)
+	plain, err := q.plainInitramfs(imgDir)
 	if err != nil {
 		return err
 	}
-	plain, err := q.plainInitramfs(imgDir)
+	gc.Verified = q.verifiedInitramfs(plain)
+	extra, err := image.MachineInitramfs(gc)
 	if err != nil {
 		return err
 	}
@@ -420,6 +422,32 @@ func (q *QEMU) plainInitramfs(imgDir string) (string, error) {
 		}
 		return nil
 	})
+}
+
+// verifiedInitramfs reports whether the executables of an unpacked
+// initramfs match its manifest's pins (image.VerifyInitramfs), checked
+// once per cache entry and provider: on the host it takes milliseconds,
+// in a TCG guest the LSPM's own hashing took a second or more of the
+// first spawn. One that does not match boots all the same: its LSPM
+// hashes the files itself, and refuses the spawn. The caller holds q.mu.
+func (q *QEMU) verifiedInitramfs(plain string) bool {
+	if ok, done := q.verified[plain]; done {
+		return ok
+	}
+	f, err := os.Open(plain)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	_, err = image.VerifyInitramfs(f)
+	if err != nil {
+		q.log.Warn("the image's initramfs does not match its manifest: its machines hash their executables themselves", "initramfs", plain, "err", err)
+	}
+	if q.verified == nil {
+		q.verified = map[string]bool{}
+	}
+	q.verified[plain] = err == nil
+	return err == nil
 }
 
 // kernel returns the kernel qemu boots for an image: the uncompressed

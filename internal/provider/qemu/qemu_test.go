@@ -624,3 +624,36 @@ func TestKernelCache(t *testing.T) {
 		t.Errorf("the entry of a non-PVH kernel holds %d bytes, want none", st.Size())
 	}
 }
+
+// TestVerifiedInitramfs: the image's initramfs is checked against its
+// manifest once on the host; one whose executable was changed is not
+// vouched for (its machines hash the file themselves, and refuse it).
+func TestVerifiedInitramfs(t *testing.T) {
+	needVMs(t)
+	dir := t.TempDir()
+	q := newQEMU(t, dir)
+	img, _ := image.ParseQEMURef(imageRef)
+	plain, err := q.plainInitramfs(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !q.verifiedInitramfs(plain) {
+		t.Fatal("the image's own initramfs is not verified")
+	}
+	raw, err := os.ReadFile(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.Index(raw, []byte("opt/game/echo\x00"))
+	if i < 0 {
+		t.Fatal("no echo in the initramfs")
+	}
+	raw[i+len("opt/game/echo")+200] ^= 0xff // a byte of the echo's content
+	bad := filepath.Join(dir, "bad.cpio")
+	if err := os.WriteFile(bad, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if q.verifiedInitramfs(bad) {
+		t.Error("an initramfs whose executable changed is verified")
+	}
+}

@@ -293,8 +293,6 @@ func (a *Agent) post(fn func(t *table)) {
 	}
 }
 
-var idPattern = machineIDPattern
-
 // newToken returns 32 random bytes in hex.
 func newToken() string {
 	b := make([]byte, 32)

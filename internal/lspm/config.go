@@ -5,10 +5,11 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
+
+	"dedi.dev/dedi/internal/names"
 )
 
 // Config is everything an LSPM needs; cmd/dedi fills it from flags and the
@@ -91,7 +92,7 @@ func ParseAllowed(s string) (Allowed, error) {
 	a := Allowed{Path: path}
 	if hasSum {
 		sum = strings.ToLower(sum)
-		if !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(sum) {
+		if !names.SHA256(sum) {
 			return Allowed{}, fmt.Errorf("%q is not a hex SHA-256", sum)
 		}
 		a.SHA256 = sum
@@ -151,8 +152,6 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-var machineIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
 // Validate reports the first problem of a defaulted config.
 func (c Config) Validate() error {
 	if c.DataDir == "" {
@@ -161,7 +160,7 @@ func (c Config) Validate() error {
 	if !filepath.IsAbs(c.DataDir) {
 		return fmt.Errorf("--data-dir %q must be an absolute path", c.DataDir)
 	}
-	if !machineIDPattern.MatchString(c.MachineID) {
+	if !names.ID(c.MachineID) {
 		return fmt.Errorf("--machine-id %q: want 1-128 of [A-Za-z0-9._-], starting with a letter or digit", c.MachineID)
 	}
 	if c.Token == "" && !c.Insecure {

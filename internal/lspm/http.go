@@ -8,12 +8,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/rest"
 )
 
@@ -141,15 +141,10 @@ func (a *Agent) postProcess(w http.ResponseWriter, r *http.Request) {
 	rest.WriteJSON(w, http.StatusCreated, p)
 }
 
-var (
-	portNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,31}$`)
-	envNamePattern  = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,127}$`)
-)
-
 // validateSpawn checks what JSON decoding cannot: shapes and bounds.
 func validateSpawn(req *api.SpawnRequest) error {
 	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
-	if req.ID != "" && !idPattern.MatchString(req.ID) {
+	if req.ID != "" && !names.ID(req.ID) {
 		return bad("id %q: want 1-128 of [A-Za-z0-9._-], starting with a letter or digit", req.ID)
 	}
 	if len(req.Command) > 0 && req.Command[0] == "" {
@@ -165,7 +160,7 @@ func validateSpawn(req *api.SpawnRequest) error {
 		return bad("at most 16 ports per process")
 	}
 	for _, name := range req.Ports {
-		if !portNamePattern.MatchString(name) {
+		if !names.Port(name) {
 			return bad("port name %q: want lower-case letters, digits and _, starting with a letter", name)
 		}
 		if seen[name] {
@@ -174,7 +169,7 @@ func validateSpawn(req *api.SpawnRequest) error {
 		seen[name] = true
 	}
 	for k, v := range req.Env {
-		if !envNamePattern.MatchString(k) || reservedEnv(k) {
+		if !names.Env(k) || reservedEnv(k) {
 			return bad("env name %q: want [A-Za-z_][A-Za-z0-9_]*, not one that dedi sets itself (DEDI_PROCESS_*, DEDI_PORT_*, AGONES_SDK_*, ...)", k)
 		}
 		if strings.IndexByte(v, 0) >= 0 {

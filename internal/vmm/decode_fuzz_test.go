@@ -22,6 +22,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/clock"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/rest"
 )
@@ -219,7 +220,7 @@ func FuzzFleet(f *testing.F) {
 		}
 		sc, h := fl.Scaling, fl.Health
 		switch {
-		case !namePattern.MatchString(fl.Name) || len(fl.Name) > 63:
+		case !names.Fleet(fl.Name):
 			t.Fatalf("accepted name %q", fl.Name)
 		case fl.Provider == "":
 			t.Fatal("accepted a fleet without provider")

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/rest"
 )
 
@@ -83,11 +83,6 @@ func (v *VMM) admin(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-var (
-	namePattern     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-	portNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,31}$`)
-)
-
 // validateReport checks what decoding cannot: the values of API.md.
 func validateReport(st *report) error {
 	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
@@ -97,12 +92,12 @@ func validateReport(st *report) error {
 		return bad("state %q: want empty, partial, full or shutting_down", st.State)
 	}
 	for _, p := range st.Processes.All() {
-		if !validProcessID(p.ID) || !processStates[p.State] || api.IsTerminal(p.State) {
+		if !names.ID(p.ID) || !processStates[p.State] || api.IsTerminal(p.State) {
 			return bad("live process %q: want an id and a live state, got %q", p.ID, p.State)
 		}
 	}
 	for _, p := range st.Ended {
-		if !validProcessID(p.ID) || !api.IsTerminal(p.State) {
+		if !names.ID(p.ID) || !api.IsTerminal(p.State) {
 			return bad("ended process %q: want an id and a final state, got %q", p.ID, p.State)
 		}
 	}
@@ -112,7 +107,7 @@ func validateReport(st *report) error {
 // validateFleet checks a fleet and fills its defaults.
 func validateFleet(f *api.Fleet) error {
 	bad := func(format string, args ...any) error { return rest.Errorf(rest.Invalid, "", format, args...) }
-	if !namePattern.MatchString(f.Name) {
+	if !names.Fleet(f.Name) {
 		return bad("name %q: want 1-63 lower-case letters, digits and -", f.Name)
 	}
 	if f.Provider == "" {
@@ -167,7 +162,7 @@ func validateFleet(f *api.Fleet) error {
 	}
 	seen := map[string]bool{}
 	for _, p := range f.Ports {
-		if !portNamePattern.MatchString(p) || seen[p] {
+		if !names.Port(p) || seen[p] {
 			return bad("port name %q: want unique lower-case letters, digits and _, starting with a letter", p)
 		}
 		seen[p] = true

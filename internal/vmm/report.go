@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"hash/maphash"
+	"io"
 	"reflect"
 	"slices"
 	"strings"
@@ -594,23 +594,6 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, l *liveProcesses) (err error
 	}
 	arena = append(arena, '}')
 	return nil
-}
-
-// validProcessID is API.md's process id: [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
-func validProcessID(id string) bool {
-	if id == "" || len(id) > 128 {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		c := id[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
-		case i > 0 && (c == '.' || c == '_' || c == '-'):
-		default:
-			return false
-		}
-	}
-	return true
 }
 
 // interner shares equal commands, labels and annotations between

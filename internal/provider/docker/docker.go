@@ -27,7 +27,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -38,6 +37,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/provider"
 )
 
@@ -107,13 +107,11 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-var validInstance = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
-
 // Validate reports a configuration the provider cannot run with.
 func (c Config) Validate() error {
 	loopback := netip.MustParsePrefix("127.0.0.0/8")
 	switch {
-	case !validInstance.MatchString(c.Instance):
+	case !names.DockerInstance(c.Instance):
 		return fmt.Errorf("docker provider: instance %q: want 1-64 letters, digits, '.', '_' or '-'", c.Instance)
 	case !c.FirstAddress.Is4() || !loopback.Contains(c.FirstAddress):
 		return fmt.Errorf("docker provider: first address %s is not an IPv4 loopback address", c.FirstAddress)
@@ -185,13 +183,11 @@ func (d *Docker) Name() string { return "docker" }
 // Close releases the engine client. The machines keep running.
 func (d *Docker) Close() error { return d.cli.Close() }
 
-var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
 // Create starts a container of spec.Image on a free slot and returns once
 // it runs; its LSPM may still be starting.
 func (d *Docker) Create(ctx context.Context, spec provider.Spec) (provider.Machine, error) {
 	switch {
-	case !validID.MatchString(spec.MachineID):
+	case !names.ID(spec.MachineID):
 		return provider.Machine{}, fmt.Errorf("docker provider: invalid machine id %q", spec.MachineID)
 	case spec.Token == "":
 		return provider.Machine{}, fmt.Errorf("docker provider: machine %s has no token", spec.MachineID)
@@ -416,7 +412,7 @@ func machineOf(id string, labels map[string]string) (provider.Machine, error) {
 	}
 	m := provider.Machine{ProviderID: id, MachineID: labels[LabelMachine], Fleet: labels[LabelFleet],
 		Address: labels[LabelAddress], LSPMURL: labels[LabelLSPMURL], CreatedAt: created}
-	if !validID.MatchString(m.MachineID) {
+	if !names.ID(m.MachineID) {
 		return provider.Machine{}, fmt.Errorf("label %s: invalid machine id %q", LabelMachine, m.MachineID)
 	}
 	addr, err := netip.ParseAddr(m.Address)

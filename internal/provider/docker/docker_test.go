@@ -29,6 +29,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/providertest"
 )
@@ -532,7 +533,7 @@ func FuzzMachineOf(f *testing.F) {
 			return
 		}
 		a, err := netip.ParseAddr(m.Address)
-		if err != nil || !a.Is4() || !a.IsLoopback() || !validID.MatchString(m.MachineID) {
+		if err != nil || !a.Is4() || !a.IsLoopback() || !names.ID(m.MachineID) {
 			t.Fatalf("accepted machine %q on %q", m.MachineID, m.Address)
 		}
 		u, err := url.Parse(m.LSPMURL)

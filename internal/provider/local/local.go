@@ -23,7 +23,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strconv"
 	"sync"
@@ -33,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/statedir"
 )
@@ -191,14 +191,12 @@ func (r machineRecord) machine() provider.Machine {
 		Address: r.Address, LSPMURL: r.LSPMURL, CreatedAt: r.CreatedAt}
 }
 
-var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
 func (l *Local) machineDir(id string) string { return filepath.Join(l.cfg.Dir, "machines", id) }
 
 // Create starts the machine's LSPM and returns once the process runs.
 func (l *Local) Create(ctx context.Context, spec provider.Spec) (provider.Machine, error) {
 	switch {
-	case !validID.MatchString(spec.MachineID):
+	case !names.ID(spec.MachineID):
 		return provider.Machine{}, fmt.Errorf("local provider: invalid machine id %q", spec.MachineID)
 	case spec.Token == "":
 		return provider.Machine{}, fmt.Errorf("local provider: machine %s has no token", spec.MachineID)
@@ -391,7 +389,7 @@ const Grace = 15 * time.Second
 // the machine's dir. When ctx ends during the grace, the LSPM is killed at
 // once. A machine that is already gone is not an error.
 func (l *Local) Delete(ctx context.Context, providerID string) error {
-	if !validID.MatchString(providerID) {
+	if !names.ID(providerID) {
 		return nil // it cannot name a machine of ours
 	}
 	dir := l.machineDir(providerID)

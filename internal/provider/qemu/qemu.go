@@ -50,7 +50,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -62,6 +61,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
+	"dedi.dev/dedi/internal/names"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/statedir"
 )
@@ -244,8 +244,6 @@ const (
 	qemuLogFile = "qemu.log"
 )
 
-var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
 func (q *QEMU) machineDir(id string) string { return filepath.Join(q.cfg.Dir, "machines", id) }
 
 // ConsoleLog returns the path of a machine's serial console log, the
@@ -258,7 +256,7 @@ func (q *QEMU) ConsoleLog(providerID string) string {
 // forwards bound; the guest is still booting.
 func (q *QEMU) Create(ctx context.Context, spec provider.Spec) (provider.Machine, error) {
 	switch {
-	case !validID.MatchString(spec.MachineID):
+	case !names.ID(spec.MachineID):
 		return provider.Machine{}, fmt.Errorf("qemu provider: invalid machine id %q", spec.MachineID)
 	case spec.Token == "":
 		return provider.Machine{}, fmt.Errorf("qemu provider: machine %s has no token", spec.MachineID)
@@ -799,7 +797,7 @@ func (q *QEMU) List(ctx context.Context, fleet string) ([]provider.Machine, erro
 // off (SIGTERM to qemu, SIGKILL after Grace) and removes its dir. A
 // machine that is already gone is not an error.
 func (q *QEMU) Delete(ctx context.Context, providerID string) error {
-	if !validID.MatchString(providerID) {
+	if !names.ID(providerID) {
 		return nil // it cannot name a machine of ours
 	}
 	dir := q.machineDir(providerID)

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -596,23 +597,25 @@ func (p *liveProcess) decode(dec *jsontext.Decoder, l *liveProcesses) (err error
 	return nil
 }
 
-// interner shares equal commands, labels and annotations between
+// interner shares equal commands, labels, annotations and params between
 // processes: a fleet's processes mostly run one command and carry the same
-// labels, and a Go map costs ~300 bytes even with one entry, so at 320,000
-// processes the copies were a fifth of the VMM's heap. Values are shared,
-// never changed in place (a changed label set arrives as a new map). It is
-// bounded: past maxInterned distinct values, new ones are kept unshared.
-// Owned by the loop.
+// labels, and many matches run with the same params (a mode, a map), and a
+// Go map costs ~300 bytes even with one entry, so at 320,000 processes the
+// copies were a fifth of the VMM's heap, and the garbage collector walked
+// them all on every cycle. Values are shared, never changed in place (a
+// changed label set arrives as a new map). It is bounded: past maxInterned
+// distinct values of a kind, new ones are kept unshared. Owned by the loop.
 type interner struct {
 	commands map[string][]string
 	maps     map[string]map[string]string
+	params   map[string]map[string]any
 }
 
 const maxInterned = 4096
 
 func (in *interner) process(p *api.Process) {
 	if in.commands == nil {
-		in.commands, in.maps = map[string][]string{}, map[string]map[string]string{}
+		in.commands, in.maps, in.params = map[string][]string{}, map[string]map[string]string{}, map[string]map[string]any{}
 	}
 	if len(p.Command) > 0 {
 		var b strings.Builder
@@ -628,6 +631,17 @@ func (in *interner) process(p *api.Process) {
 	}
 	p.Labels = in.stringMap(p.Labels)
 	p.Annotations = in.stringMap(p.Annotations)
+	if len(p.Params) > 0 {
+		// Their JSON is their identity: encoding/json sorts map keys, and
+		// equal JSON decodes to equal values.
+		if raw, err := json.Marshal(p.Params); err == nil {
+			if shared, ok := in.params[string(raw)]; ok {
+				p.Params = shared
+			} else if len(in.params) < maxInterned {
+				in.params[string(raw)] = p.Params
+			}
+		}
+	}
 }
 
 func (in *interner) stringMap(m map[string]string) map[string]string {

@@ -153,6 +153,19 @@ func TestInternerSharesOnlyEqualValues(t *testing.T) {
 	if &c.Command[0] == &a.Command[0] || fmt.Sprintf("%p", c.Labels) == fmt.Sprintf("%p", a.Labels) {
 		t.Fatal("different values are shared")
 	}
+	// Params: equal by their JSON, whatever the key order or value types.
+	p1 := api.Process{Params: map[string]any{"mode": "ranked", "n": 2.0, "tags": []any{"a"}}}
+	p2 := api.Process{Params: map[string]any{"tags": []any{"a"}, "n": 2.0, "mode": "ranked"}}
+	p3 := api.Process{Params: map[string]any{"mode": "ranked", "n": "2", "tags": []any{"a"}}}
+	for _, p := range []*api.Process{&p1, &p2, &p3} {
+		in.process(p)
+	}
+	if fmt.Sprintf("%p", p1.Params) != fmt.Sprintf("%p", p2.Params) {
+		t.Fatal("equal params are not shared")
+	}
+	if fmt.Sprintf("%p", p3.Params) == fmt.Sprintf("%p", p1.Params) || p3.Params["n"] != "2" {
+		t.Fatalf("different params are shared: %v", p3.Params)
+	}
 }
 
 // Numbers are read as the strict decoder reads them: a seq takes all of

@@ -215,6 +215,29 @@ func TestVMMStallDoesNotLoseMachines(t *testing.T) {
 	}
 }
 
+// With a longer report interval the machines are looked over less often
+// than the loop ticks, and a silent machine is still lost in time.
+func TestSilentMachineLostWithSparseLooks(t *testing.T) {
+	tv := newTestVMM(t, func(c *Config) { c.ReportInterval = 4 * time.Second })
+	id := bootOne(t, tv)
+	code, raw := tv.req(t, "POST", "/v1/processes", testAdmin, api.StartRequest{Fleet: "f"})
+	if code != 201 {
+		t.Fatalf("start: %d %s", code, raw)
+	}
+	var p api.Process
+	_ = json.Unmarshal(raw, &p)
+	tv.step(time.Second)
+	tv.report(t, id, 2, []api.Process{{ID: p.ID, State: api.StateReady}}, nil)
+	tv.step(11500 * time.Millisecond) // under 3 intervals (12 s) of silence
+	if st := tv.machine(t, id).State; st != api.MachineReady {
+		t.Fatalf("lost too early: %s", st)
+	}
+	tv.step(1500 * time.Millisecond) // at most one look (1 s) past them
+	if st := tv.machine(t, id).State; st != api.MachineLost {
+		t.Fatalf("after 13 s of silence: %s", st)
+	}
+}
+
 func TestSilentMachineGoesLostWithItsProcesses(t *testing.T) {
 	tv := newTestVMM(t)
 	id := bootOne(t, tv)

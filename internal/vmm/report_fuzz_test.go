@@ -37,6 +37,7 @@ func FuzzDecodeReport(f *testing.F) {
 		`{"ended":[{"id":"p","state":"crashed","exit":{"reason":"crashed","logTail":["x"]}}],"at":"2026-01-01T00:00:00.5+01:00"}`,
 		`{"shutdownAt":"2026-01-01T00:00:00Z","startedAt":null,"state":"shutting_\u0064own"}`,
 		`{"seq":1} {}`,
+		`{"seq":1,"processes":[{"id":"p-1","labels":{"a\"b":"c\\","d":"\"}"},"address":"x\",\"y","state":"ready","players":3}]}`,
 	} {
 		f.Add([]byte(s))
 	}

@@ -197,3 +197,19 @@ func TestReportNumbers(t *testing.T) {
 		}
 	}
 }
+
+// Escapes inside names and values do not end a string early: the split of
+// a process object walks over them.
+func TestReportEscapes(t *testing.T) {
+	body := `{"seq":1,"processes":[{"id":"p-1","labels":{"a\"b":"c\\","d":"\"}"},"address":"x\",\"y","state":"ready","players":3}]}`
+	r, err := decodeReport([]byte(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.release()
+	lp := r.Processes.All()[0]
+	f, err := lp.decodeFixed()
+	if err != nil || lp.Players != 3 || lp.State != api.StateReady || f.Labels["a\"b"] != `c\` || f.Labels["d"] != `"}` || f.Address != `x","y` {
+		t.Fatalf("%+v %v %v", lp, f.Labels, err)
+	}
+}

@@ -446,12 +446,33 @@ func (a *Agent) postProcessShutdown(r *http.Request) (processOp, error) {
 
 func (a *Agent) postShutdown(w http.ResponseWriter, r *http.Request) {
 	var err error
-	if derr := a.do(func(t *table) { err = t.shutdown() }); derr != nil {
+	var delivered <-chan struct{}
+	if derr := a.do(func(t *table) {
+		if err = t.shutdown(); err == nil && a.cfg.VMMURL != "" {
+			delivered = t.waitDelivered()
+		}
+	}); derr != nil {
 		err = derr
 	}
 	if err != nil {
 		rest.WriteError(w, err)
 		return
 	}
+	// The 200 lets the machine be powered off: first the VMM gets the
+	// report that shows it empty, with the ends (and their evidence) of
+	// the processes that ran on it, unless that takes longer than
+	// shutdownDeliveryWait (a VMM that does not answer).
+	if delivered != nil {
+		select {
+		case <-delivered:
+		case <-time.After(shutdownDeliveryWait):
+			a.log.Warn("shutdown accepted before the VMM acknowledged the last report")
+		case <-r.Context().Done():
+		}
+	}
 	rest.WriteJSON(w, http.StatusOK, api.ShutdownAnswer{Accepted: true})
 }
+
+// shutdownDeliveryWait bounds how long a shutdown handshake waits for the
+// VMM to acknowledge the report it changed.
+const shutdownDeliveryWait = time.Second

@@ -44,6 +44,15 @@ type table struct {
 	shutdownAt   *time.Time
 	seq          uint64
 	seqReserved  uint64
+	ackedSeq     uint64         // the highest report the VMM acknowledged
+	delivered    []deliveryWait // handshakes waiting for their report
+}
+
+// deliveryWait is a handshake waiting until the VMM acknowledged a report
+// numbered seq or later and every end the LSPM recorded.
+type deliveryWait struct {
+	seq  uint64
+	done chan struct{}
 }
 
 // proc is one game server process as the table keeps it.
@@ -687,6 +696,27 @@ func (t *table) ack(seq uint64) {
 	}
 	clear(t.unacked[len(keep):])
 	t.unacked = keep
+	t.ackedSeq = max(t.ackedSeq, seq)
+	waiting := t.delivered[:0]
+	for _, w := range t.delivered {
+		if t.ackedSeq >= w.seq && len(t.unacked) == 0 {
+			close(w.done)
+		} else {
+			waiting = append(waiting, w)
+		}
+	}
+	clear(t.delivered[len(waiting):])
+	t.delivered = waiting
+}
+
+// waitDelivered returns a channel closed once the VMM has acknowledged a
+// report taken after now (so it shows the table as it is now) and every
+// end recorded so far.
+func (t *table) waitDelivered() <-chan struct{} {
+	w := deliveryWait{seq: t.seq + 1, done: make(chan struct{})}
+	t.delivered = append(t.delivered, w)
+	t.changed()
+	return w.done
 }
 
 func (t *table) liveViews() []api.Process {

@@ -273,12 +273,54 @@ func TestHandshakeBusyThenShuttingDown(t *testing.T) {
 	}
 }
 
+// A 200 to the shutdown handshake lets the machine be powered off, so it
+// comes only once the VMM has the report that shows the machine shutting
+// down, with the ends of the processes that ran on it: a slow VMM (as
+// through a qemu guest's emulated network) must not lose a game's end.
+func TestHandshakeWaitsForTheLastReport(t *testing.T) {
+	t.Parallel()
+	vmm := &fakeVMM{}
+	srv := httptest.NewServer(vmm)
+	defer srv.Close()
+	l := startLSPM(t, lspmOpts{extra: []string{"--vmm-url", srv.URL, "--report-interval", "1s"}})
+	vmm.waitFor(t, "at start", func(api.Status) bool { return true })
+	p := l.spawn(t, api.SpawnRequest{})
+	l.waitState(t, p.ID, 10*time.Second, api.StateReady)
+	vmm.delay.Store(int64(400 * time.Millisecond)) // each report now takes 0.4 s to be answered
+	call(t, "DELETE", l.url+"/v1/processes/"+p.ID+"?grace=0s", l.token, nil, nil)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, raw := call(t, "POST", l.url+"/v1/shutdown", l.token, nil, nil)
+		if code == http.StatusOK {
+			break
+		}
+		if code != http.StatusConflict || time.Now().After(deadline) {
+			t.Fatalf("handshake: %d %s", code, raw)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var last api.Status
+	if reps := vmm.snapshot(); len(reps) > 0 {
+		last = reps[len(reps)-1]
+	}
+	ended := false
+	for _, st := range vmm.snapshot() {
+		for _, e := range st.Ended {
+			ended = ended || (e.ID == p.ID && e.State == api.StateKilled)
+		}
+	}
+	if last.State != api.LoadShuttingDown || len(last.Processes) != 0 || !ended {
+		t.Fatalf("at the handshake's 200 the VMM had: state %q, %d live, the game's end reported %v", last.State, len(last.Processes), ended)
+	}
+}
+
 // fakeVMM records the status reports an LSPM sends.
 type fakeVMM struct {
 	mu      sync.Mutex
 	reports []api.Status
 	auth    []string
 	down    atomic.Bool
+	delay   atomic.Int64 // before each answer, nanoseconds; the report counts once answered
 }
 
 func (v *fakeVMM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -286,6 +328,7 @@ func (v *fakeVMM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "down", http.StatusServiceUnavailable)
 		return
 	}
+	time.Sleep(time.Duration(v.delay.Load()))
 	var st api.Status
 	if r.URL.Path != "/v1/machines/m-test/status" || json.NewDecoder(r.Body).Decode(&st) != nil {
 		http.Error(w, "bad", http.StatusBadRequest)

@@ -877,8 +877,10 @@ func (q *QEMU) drain(ctx context.Context, lspmURL, token string) error {
 	stopped := false
 	for {
 		// A booting guest's forward accepts and then never answers: a
-		// short wait, as a running LSPM answers in milliseconds.
-		hctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
+		// short wait. A running LSPM answers a 409 in milliseconds, and
+		// its 200 within a second (it waits until the VMM acknowledged
+		// the report that shows it shutting down).
+		hctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		code, err := q.call(hctx, http.MethodPost, lspmURL+"/v1/shutdown", token, nil)
 		cancel()
 		if err != nil {

@@ -226,19 +226,27 @@ func internedString(raw jsontext.Value, known []string) (string, error) {
 	return string(out), err
 }
 
-// readInt reads a JSON integer: a number with a fraction or an exponent
-// is refused, as the strict decoder refuses it for an integer field.
-func readInt(dec *jsontext.Decoder) (int64, error) {
+// readNumber reads a JSON number, or null (nil).
+func readNumber(dec *jsontext.Decoder) ([]byte, error) {
 	raw, err := dec.ReadValue()
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	switch raw.Kind() {
 	case jsontext.KindNull:
-		return 0, nil
+		return nil, nil
 	case jsontext.KindNumber:
-	default:
-		return 0, fmt.Errorf("want a number, got %s", raw.Kind())
+		return raw, nil
+	}
+	return nil, fmt.Errorf("want a number, got %s", raw.Kind())
+}
+
+// readInt reads a JSON integer: a number with a fraction or an exponent
+// is refused, as the strict decoder refuses it for an integer field.
+func readInt(dec *jsontext.Decoder) (int64, error) {
+	raw, err := readNumber(dec)
+	if err != nil || raw == nil {
+		return 0, err
 	}
 	n, ok := parseInt(raw)
 	if !ok {
@@ -249,16 +257,9 @@ func readInt(dec *jsontext.Decoder) (int64, error) {
 
 // readUint reads a JSON integer from 0 to the largest uint64.
 func readUint(dec *jsontext.Decoder) (uint64, error) {
-	raw, err := dec.ReadValue()
-	if err != nil {
+	raw, err := readNumber(dec)
+	if err != nil || raw == nil {
 		return 0, err
-	}
-	switch raw.Kind() {
-	case jsontext.KindNull:
-		return 0, nil
-	case jsontext.KindNumber:
-	default:
-		return 0, fmt.Errorf("want a number, got %s", raw.Kind())
 	}
 	n, ok := parseUint(raw)
 	if !ok {
@@ -267,7 +268,8 @@ func readUint(dec *jsontext.Decoder) (uint64, error) {
 	return n, nil
 }
 
-// parseUint parses a valid JSON number that is a whole uint64.
+// parseUint parses a valid JSON number that is a whole uint64. (strconv
+// would need a string, allocated for every number of every report.)
 func parseUint(raw []byte) (uint64, bool) {
 	if len(raw) == 0 || len(raw) > 20 {
 		return 0, false
@@ -288,30 +290,15 @@ func parseUint(raw []byte) (uint64, bool) {
 
 // parseInt parses a valid JSON number that is a whole int64.
 func parseInt(raw []byte) (int64, bool) {
-	neg := len(raw) > 0 && raw[0] == '-'
-	if neg {
-		raw = raw[1:]
-	}
-	if len(raw) == 0 || len(raw) > 19 {
-		return 0, false
-	}
-	var n uint64
-	for _, c := range raw {
-		if c < '0' || c > '9' {
-			return 0, false // a fraction or an exponent
-		}
-		n = n*10 + uint64(c-'0')
-	}
-	if neg {
-		if n > 1<<63 {
+	if len(raw) > 0 && raw[0] == '-' {
+		n, ok := parseUint(raw[1:])
+		if !ok || n > 1<<63 {
 			return 0, false
 		}
-		return -int64(n), true
+		return -int64(n), true // 1<<63 wraps to the smallest int64, as it should
 	}
-	if n > 1<<63-1 {
-		return 0, false
-	}
-	return int64(n), true
+	n, ok := parseUint(raw)
+	return int64(n), ok && n <= 1<<63-1
 }
 
 // readTime reads an RFC 3339 time or null (the zero time).

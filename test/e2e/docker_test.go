@@ -241,7 +241,38 @@ func BenchmarkColdStartDocker(b *testing.B) {
 	v := dockerVMM(b, instance, "127.0.3.11", 26000)
 	dockerFleet(b, v, "cold-docker", ref, 3600)
 	v.fleet(b, api.Fleet{Name: "cold-local", Scaling: api.Scaling{MaxMachines: 2, IdleShutdownSeconds: 3600}})
-	for _, c := range []struct{ name, fleet string }{{"local", "cold-local"}, {"docker", "cold-docker"}} {
+	benchColdStarts(b, v, "docker", "cold-docker", size, v.start1,
+		// A machine that went lost (reports late on a loaded host) is
+		// deleted by the VMM's next tick: the next start is cold only once
+		// its container is gone.
+		"no container of the instance", func() bool { return len(dockerContainers(b, instance)) == 0 })
+	if ids := dockerContainers(b, instance); len(ids) != 0 {
+		b.Errorf("containers left: %v", ids)
+		for _, m := range v.machines(b, "cold-docker") {
+			b.Logf("machine %s: %s, provider id %q", m.ID, m.State, m.ProviderID)
+		}
+		readEvents(b, v, 0, func(e api.Event) bool {
+			if e.Fleet == "cold-docker" && e.ProcessID == "" {
+				b.Logf("event %s %s %s %s %s", e.At.Format("15:04:05.000"), e.Type, e.MachineID, e.State, e.Detail)
+			}
+			return false
+		})
+	}
+}
+
+func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// benchColdStarts runs the cold-start sub-benchmarks "local" (fleet
+// cold-local, the baseline) and name (fleet): each iteration starts a
+// process with start (?wait=ready) on a fleet with no machine, then, outside
+// the timer, deletes the process and the machine and waits until the
+// machine is terminated and gone() (nothing of it left at the provider,
+// what says what). It reports the median (p50-ms), the medians of the
+// machine's and the game's steps (coldStartSteps) and, for name, the image
+// size.
+func benchColdStarts(b *testing.B, v *vmmProc, name, fleet string, imageBytes int64,
+	start func(t testing.TB, fleet string, wait bool) api.Process, what string, gone func() bool) {
+	for _, c := range []struct{ name, fleet string }{{"local", "cold-local"}, {name, fleet}} {
 		b.Run(c.name, func(b *testing.B) {
 			b.StopTimer()
 			var total, machine, game []float64
@@ -249,7 +280,7 @@ func BenchmarkColdStartDocker(b *testing.B) {
 				after := lastEventSeq(b, v)
 				b.StartTimer()
 				t0 := time.Now()
-				p := v.start1(b, c.fleet, true)
+				p := start(b, c.fleet, true)
 				d := time.Since(t0)
 				b.StopTimer()
 				if p.State != api.StateReady {
@@ -268,36 +299,18 @@ func BenchmarkColdStartDocker(b *testing.B) {
 					}
 					return true
 				})
-				// A machine that went lost (reports late on a loaded host)
-				// is deleted by the VMM's next tick: the next start is cold
-				// only once its container is gone.
-				eventually(b, 30*time.Second, "no container of the instance", func() bool {
-					return len(dockerContainers(b, instance)) == 0
-				})
+				eventually(b, 30*time.Second, what, gone)
 			}
 			b.ReportMetric(median(total), "p50-ms")
 			b.ReportMetric(median(machine), "machine-ms")
 			b.ReportMetric(median(game), "game-ms")
-			if c.name == "docker" {
-				b.ReportMetric(float64(size)/1e6, "image-MB")
+			if c.name == name {
+				b.ReportMetric(float64(imageBytes)/1e6, "image-MB")
 			}
-		})
-	}
-	if ids := dockerContainers(b, instance); len(ids) != 0 {
-		b.Errorf("containers left: %v", ids)
-		for _, m := range v.machines(b, "cold-docker") {
-			b.Logf("machine %s: %s, provider id %q", m.ID, m.State, m.ProviderID)
-		}
-		readEvents(b, v, 0, func(e api.Event) bool {
-			if e.Fleet == "cold-docker" && e.ProcessID == "" {
-				b.Logf("event %s %s %s %s %s", e.At.Format("15:04:05.000"), e.Type, e.MachineID, e.State, e.Detail)
-			}
-			return false
+			b.Logf("%s cold starts (ms): %v", c.name, fmtMillis(total))
 		})
 	}
 }
-
-func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // lastEventSeq is the VMM's latest event number (0 when none).
 func lastEventSeq(t testing.TB, v *vmmProc) int64 {

@@ -245,44 +245,9 @@ func BenchmarkColdStartQEMU(b *testing.B) {
 	v := qemuVMM(b, 185, 42150)
 	qemuFleet(b, v, "cold-qemu", ref, []string{"game"}, 3600)
 	v.fleet(b, api.Fleet{Name: "cold-local", Scaling: api.Scaling{MaxMachines: 2, IdleShutdownSeconds: 3600}})
-	for _, c := range []struct{ name, fleet string }{{"local", "cold-local"}, {"qemu", "cold-qemu"}} {
-		b.Run(c.name, func(b *testing.B) {
-			b.StopTimer()
-			var total, machine, game []float64
-			for i := 0; i < b.N; i++ {
-				after := lastEventSeq(b, v)
-				b.StartTimer()
-				t0 := time.Now()
-				p := startProcess(b, v, c.fleet, true)
-				d := time.Since(t0)
-				b.StopTimer()
-				if p.State != api.StateReady {
-					b.Fatalf("process %s is %s", p.ID, p.State)
-				}
-				total = append(total, millis(d))
-				steps := coldStartSteps(b, v, after, p)
-				machine, game = append(machine, steps[0]), append(game, steps[1])
-				call(b, "DELETE", v.url+"/v1/processes/"+p.ID+"?grace=0s", v.token, nil, nil)
-				call(b, "DELETE", v.url+"/v1/machines/"+p.MachineID, v.token, nil, nil)
-				eventually(b, 60*time.Second, "machine "+p.MachineID+" terminated", func() bool {
-					for _, m := range v.machines(b, c.fleet) {
-						if m.State != api.MachineTerminated && m.State != api.MachineLost {
-							return false
-						}
-					}
-					return true
-				})
-				eventually(b, 30*time.Second, "no qemu left", func() bool { return len(qemuPIDs(v.dataDir)) == 0 })
-			}
-			b.ReportMetric(median(total), "p50-ms")
-			b.ReportMetric(median(machine), "machine-ms")
-			b.ReportMetric(median(game), "game-ms")
-			if c.name == "qemu" {
-				b.ReportMetric(float64(size)/1e6, "image-MB")
-			}
-			b.Logf("%s cold starts (ms): %v", c.name, fmtMillis(total))
-		})
-	}
+	benchColdStarts(b, v, "qemu", "cold-qemu", size, func(t testing.TB, fleet string, wait bool) api.Process {
+		return startProcess(t, v, fleet, wait)
+	}, "no qemu left", func() bool { return len(qemuPIDs(v.dataDir)) == 0 })
 }
 
 // startProcess starts a process, with ?wait=ready if wait: a VM that

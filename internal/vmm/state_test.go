@@ -151,6 +151,18 @@ func (tv *testVMM) report(t testing.TB, id string, seq uint64, live []api.Proces
 	}
 }
 
+// startIn starts a process of the fleet through the API; it must be taken.
+func (tv *testVMM) startIn(t testing.TB, fleet string) api.Process {
+	t.Helper()
+	code, raw := tv.req(t, "POST", "/v1/processes", testAdmin, api.StartRequest{Fleet: fleet})
+	if code != 201 {
+		t.Fatalf("start: %d %s", code, raw)
+	}
+	var p api.Process
+	_ = json.Unmarshal(raw, &p)
+	return p
+}
+
 func fleetOf(name string) api.Fleet {
 	f := api.Fleet{Name: name, Provider: "stub", Command: []string{"/game"}, Scaling: api.Scaling{MaxMachines: 2, IdleShutdownSeconds: 5}}
 	_ = validateFleet(&f)
@@ -190,12 +202,7 @@ func bootOne(t testing.TB, tv *testVMM) string {
 func TestVMMStallDoesNotLoseMachines(t *testing.T) {
 	tv := newTestVMM(t)
 	id := bootOne(t, tv)
-	code, raw := tv.req(t, "POST", "/v1/processes", testAdmin, api.StartRequest{Fleet: "f"})
-	if code != 201 {
-		t.Fatalf("start: %d %s", code, raw)
-	}
-	var p api.Process
-	_ = json.Unmarshal(raw, &p)
+	p := tv.startIn(t, "f")
 	live := []api.Process{{ID: p.ID, State: api.StateReady}}
 	tv.step(time.Second) // the loop ticks as it does
 	tv.report(t, id, 2, live, nil)
@@ -220,12 +227,7 @@ func TestVMMStallDoesNotLoseMachines(t *testing.T) {
 func TestSilentMachineLostWithSparseLooks(t *testing.T) {
 	tv := newTestVMM(t, func(c *Config) { c.ReportInterval = 4 * time.Second })
 	id := bootOne(t, tv)
-	code, raw := tv.req(t, "POST", "/v1/processes", testAdmin, api.StartRequest{Fleet: "f"})
-	if code != 201 {
-		t.Fatalf("start: %d %s", code, raw)
-	}
-	var p api.Process
-	_ = json.Unmarshal(raw, &p)
+	p := tv.startIn(t, "f")
 	tv.step(time.Second)
 	tv.report(t, id, 2, []api.Process{{ID: p.ID, State: api.StateReady}}, nil)
 	tv.step(11500 * time.Millisecond) // under 3 intervals (12 s) of silence
@@ -241,12 +243,7 @@ func TestSilentMachineLostWithSparseLooks(t *testing.T) {
 func TestSilentMachineGoesLostWithItsProcesses(t *testing.T) {
 	tv := newTestVMM(t)
 	id := bootOne(t, tv)
-	code, raw := tv.req(t, "POST", "/v1/processes", testAdmin, api.StartRequest{Fleet: "f"})
-	if code != 201 {
-		t.Fatalf("start: %d %s", code, raw)
-	}
-	var p api.Process
-	_ = json.Unmarshal(raw, &p)
+	p := tv.startIn(t, "f")
 	tv.step(2 * time.Second)
 	tv.report(t, id, 2, []api.Process{{ID: p.ID, State: api.StateReady}}, nil)
 	tv.step(2500 * time.Millisecond) // under 3 intervals of silence

@@ -281,7 +281,8 @@ func (s *agonesServer) do(op agonesOp) error {
 // Ready is Agones' Ready: starting -> ready; it ends a reservation. On an
 // allocated process it changes nothing (dedi has no way back to ready).
 func (s *agonesServer) Ready() error {
-	return s.do(func(t *table, p *proc) error {
+	var synced <-chan struct{}
+	err := s.do(func(t *table, p *proc) error {
 		if p.agones.Shutdown {
 			return nil
 		}
@@ -290,14 +291,18 @@ func (s *agonesServer) Ready() error {
 			t.persist(p)
 		}
 		t.ready(p)
+		synced = t.a.persist.synced()
 		return nil
 	})
+	waitSynced(synced) // see syncedAnswer
+	return err
 }
 
 // Allocate is Agones' Allocate: the process becomes allocated (through
 // ready when it was starting).
 func (s *agonesServer) Allocate() error {
-	return s.do(func(t *table, p *proc) error {
+	var synced <-chan struct{}
+	err := s.do(func(t *table, p *proc) error {
 		if p.agones.Shutdown || p.stopReason != "" {
 			return status.Error(codes.FailedPrecondition, "the game server is shutting down")
 		}
@@ -309,8 +314,11 @@ func (s *agonesServer) Allocate() error {
 		if err := t.allocate(p); err != nil {
 			return status.Error(codes.FailedPrecondition, err.Error())
 		}
+		synced = t.a.persist.synced()
 		return nil
 	})
+	waitSynced(synced) // see syncedAnswer
+	return err
 }
 
 // Shutdown is Agones' Shutdown: the process announces its end; it has the

@@ -114,6 +114,10 @@ func (a *Agent) processCall(h func(r *http.Request) (processOp, error)) http.Han
 			rest.WriteError(w, err)
 			return
 		}
+		if s, ok := out.(syncedAnswer); ok {
+			waitSynced(s.synced)
+			out = s.out
+		}
 		rest.WriteJSON(w, http.StatusOK, out)
 	}
 }
@@ -405,8 +409,16 @@ func (a *Agent) getLogs(w http.ResponseWriter, r *http.Request) {
 func (a *Agent) postReady(r *http.Request) (processOp, error) {
 	return func(t *table, p *proc) (any, error) {
 		t.ready(p)
-		return p.view, nil
+		return syncedAnswer{out: p.view, synced: t.a.persist.synced()}, nil
 	}, nil
+}
+
+// syncedAnswer is an SDK answer sent only once the process's record is on
+// disk: a game told it is ready must still be ready after a kill -9 of the
+// LSPM (the official Agones Go SDK never calls Ready again).
+type syncedAnswer struct {
+	out    any
+	synced <-chan struct{}
 }
 
 func (a *Agent) postHeartbeat(r *http.Request) (processOp, error) {

@@ -4,7 +4,9 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"time"
 )
 
 // persister writes process records and removes process dirs off the loop.
@@ -13,16 +15,18 @@ import (
 // spawns would queue behind it. Writes to one dir coalesce to the newest, so
 // records reach the disk in order; Run flushes everything before it returns.
 type persister struct {
-	mu      sync.Mutex
-	pending map[string]persistOp // by process dir
-	order   []string
-	wake    chan struct{}
-	onErr   func(dir string, err error)
+	mu       sync.Mutex
+	pending  map[string]persistOp // by process dir
+	order    []string
+	barriers int // synced markers queued so far, for their keys
+	wake     chan struct{}
+	onErr    func(dir string, err error)
 }
 
 type persistOp struct {
-	data   []byte // the record; nil with remove
-	remove bool   // remove the whole dir
+	data   []byte        // the record; nil with remove
+	remove bool          // remove the whole dir
+	synced chan struct{} // a marker: closed once everything queued before it is applied
 }
 
 func newPersister(onErr func(dir string, err error)) *persister {
@@ -41,6 +45,35 @@ func (p *persister) put(dir string, op persistOp) {
 	default:
 	}
 }
+
+// synced returns a channel closed once every operation queued before the
+// call has been applied: an answer that must not be lost to a kill -9 of
+// the LSPM (a game's ready) waits for it.
+func (p *persister) synced() <-chan struct{} {
+	done := make(chan struct{})
+	p.mu.Lock()
+	p.barriers++
+	key := "\x00synced-" + strconv.Itoa(p.barriers) // no dir has this name
+	p.mu.Unlock()
+	p.put(key, persistOp{synced: done})
+	return done
+}
+
+// waitSynced waits for a synced channel, at most syncWait: the answer
+// goes out even when the disk is that slow.
+func waitSynced(c <-chan struct{}) {
+	if c == nil {
+		return
+	}
+	t := time.NewTimer(syncWait)
+	defer t.Stop()
+	select {
+	case <-c:
+	case <-t.C:
+	}
+}
+
+const syncWait = time.Second
 
 // write queues data as dir's record.json.
 func (p *persister) write(dir string, data []byte) { p.put(dir, persistOp{data: data}) }
@@ -74,6 +107,10 @@ func (p *persister) flush() {
 		delete(p.pending, dir)
 		p.mu.Unlock()
 		var err error
+		if op.synced != nil {
+			close(op.synced)
+			continue
+		}
 		if op.remove {
 			err = os.RemoveAll(dir)
 		} else {

@@ -78,6 +78,9 @@ func TestExitWhileLSPMIsDownIsRecorded(t *testing.T) {
 	l := startLSPM(t, lspmOpts{})
 	p := l.spawn(t, fake("-crash-after", "300ms", "-crash-signal", "ABRT"))
 	l.waitState(t, p.ID, 10*time.Second, api.StateReady)
+	// Its crash clock starts when its ready call is answered, which is
+	// once the ready state is on disk.
+	l.waitLog(t, p.ID, "fakegame: ready", 10*time.Second)
 	l.kill9()
 	waitDead(t, p.PID, 10*time.Second)
 	l.start()

@@ -124,8 +124,8 @@ func TestSIGTERMLeavesGamesUnlessDrain(t *testing.T) {
 func TestHandshakeRaceNeverKillsARunningGame(t *testing.T) {
 	t.Parallel()
 	// A round races only when the handshake wins while spawns still come;
-	// on a loaded machine the processes may overlap all along, so a round
-	// in which the handshake won only after the last spawn is run again.
+	// a round in which the handshake won only after the last spawn (a
+	// loaded machine where games overlapped all along) is run again.
 	raced := 0
 	for round := 0; round < 8 && raced < 2; round++ {
 		t.Run(strconv.Itoa(round), func(t *testing.T) {
@@ -159,10 +159,18 @@ func handshakeRace(t *testing.T) bool {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for j := 0; j < perSpawner; j++ {
-				// Pauses let the machine run empty now and then while
-				// spawns keep coming, so handshakes win mid-stream.
-				time.Sleep(time.Duration(rand.IntN(25)) * time.Millisecond)
+			refusedHere := 0
+			for j := 0; j < perSpawner && refusedHere < 3; j++ {
+				// In the first half spawns come densely and handshakes are
+				// refused busy. In the second half longer pauses let the
+				// machine run empty now and then while spawns keep coming,
+				// so a handshake wins mid-stream even on a loaded machine
+				// where a game lives tens of milliseconds.
+				pause := 25
+				if j >= perSpawner/2 {
+					pause = 200
+				}
+				time.Sleep(time.Duration(rand.IntN(pause)) * time.Millisecond)
 				sentAfter := accepted.Load()
 				// A game that lives a few milliseconds and notes when it started.
 				req := api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/sh", "-c", `echo $$ $(date +%s%N) >> "$1"`, "game", marker}}
@@ -179,6 +187,7 @@ func handshakeRace(t *testing.T) bool {
 					once.Do(func() { close(firstWin) })
 				case http.StatusServiceUnavailable:
 					refused.Add(1)
+					refusedHere++
 					if pr := problemOf(t, raw); pr.Code != api.CodeShuttingDown {
 						t.Errorf("503 with code %s", pr.Code)
 					}

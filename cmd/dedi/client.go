@@ -323,6 +323,77 @@ func callVMM(ctx context.Context, timeout time.Duration, fn func(ctx context.Con
 	return transportError(fn(ctx))
 }
 
+// fetch makes one request of a verb to the VMM, bounded by limit.
+func fetch[T any](ctx context.Context, c *cli, f *verbFlags, limit time.Duration, call func(context.Context, *api.Client) (T, error)) (T, error) {
+	var out T
+	cl, err := c.client(f)
+	if err != nil {
+		return out, err
+	}
+	err = callVMM(ctx, limit, func(ctx context.Context) (err error) {
+		out, err = call(ctx, cl)
+		return err
+	})
+	return out, err
+}
+
+// listVerb is a list verb: no arguments, one request, then the items as
+// {"items": [...]} with -o json or as a table. The flags of f are read by
+// list, which runs after they are parsed.
+func listVerb[T any](ctx context.Context, c *cli, f *verbFlags, args []string,
+	list func(context.Context, *api.Client) ([]T, error), table func([]T) error) error {
+	if _, err := c.parseArgs(f, args, 0, ""); err != nil {
+		return err
+	}
+	out, err := fetch(ctx, c, f, clientRequestTimeout, list)
+	if err != nil {
+		return err
+	}
+	if f.output == "json" {
+		return writeJSONList(c, out)
+	}
+	return table(out)
+}
+
+// getVerb is a get verb: one NAME or ID (named in what), then the object as
+// JSON with -o json or described.
+func getVerb[T any](ctx context.Context, c *cli, f *verbFlags, args []string, what string,
+	get func(*api.Client, context.Context, string) (T, error), describe func(T) error) error {
+	pos, err := c.parseArgs(f, args, 1, what)
+	if err != nil {
+		return err
+	}
+	out, err := fetch(ctx, c, f, clientRequestTimeout, func(ctx context.Context, cl *api.Client) (T, error) {
+		return get(cl, ctx, pos[0])
+	})
+	if err != nil {
+		return err
+	}
+	if f.output == "json" {
+		return c.writeJSON(out)
+	}
+	return describe(out)
+}
+
+// deleteVerb is a delete or stop verb: one NAME or ID (named in what), one
+// request, then in table output done (a format taking the NAME or ID).
+func deleteVerb(ctx context.Context, c *cli, f *verbFlags, args []string, what string,
+	del func(*api.Client, context.Context, string) error, done string) error {
+	pos, err := c.parseArgs(f, args, 1, what)
+	if err != nil {
+		return err
+	}
+	if _, err := fetch(ctx, c, f, clientRequestTimeout, func(ctx context.Context, cl *api.Client) (struct{}, error) {
+		return struct{}{}, del(cl, ctx, pos[0])
+	}); err != nil {
+		return err
+	}
+	if f.output == "table" {
+		fmt.Fprintf(c.stdout, done, pos[0])
+	}
+	return nil
+}
+
 // transportError gives an error that is not an answer of the VMM its code.
 func transportError(err error) error {
 	var p *api.Problem
@@ -375,15 +446,10 @@ func (c *cli) fleetCreate(ctx context.Context, args []string) error {
 		},
 		Placement: *placement, SDK: *sdk,
 	}
-	cl, err := c.client(f)
+	out, err := fetch(ctx, c, f, clientRequestTimeout, func(ctx context.Context, cl *api.Client) (api.Fleet, error) {
+		return cl.CreateFleet(ctx, fleet)
+	})
 	if err != nil {
-		return err
-	}
-	var out api.Fleet
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.CreateFleet(ctx, fleet)
-		return err
-	}); err != nil {
 		return err
 	}
 	if f.output == "json" {
@@ -394,66 +460,18 @@ func (c *cli) fleetCreate(ctx context.Context, args []string) error {
 
 func (c *cli) fleetList(ctx context.Context, args []string) error {
 	f := c.flags("dedi fleet list", "[flags]")
-	if _, err := c.parseArgs(f, args, 0, ""); err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	var out []api.Fleet
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.ListFleets(ctx)
-		return err
-	}); err != nil {
-		return err
-	}
-	if f.output == "json" {
-		return writeJSONList(c, out)
-	}
-	return c.fleetTable(out)
+	return listVerb(ctx, c, f, args, func(ctx context.Context, cl *api.Client) ([]api.Fleet, error) {
+		return cl.ListFleets(ctx)
+	}, c.fleetTable)
 }
 
 func (c *cli) fleetGet(ctx context.Context, args []string) error {
-	f := c.flags("dedi fleet get", "NAME [flags]")
-	pos, err := c.parseArgs(f, args, 1, "one NAME")
-	if err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	var out api.Fleet
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.GetFleet(ctx, pos[0])
-		return err
-	}); err != nil {
-		return err
-	}
-	if f.output == "json" {
-		return c.writeJSON(out)
-	}
-	return c.describeFleet(out)
+	return getVerb(ctx, c, c.flags("dedi fleet get", "NAME [flags]"), args, "one NAME", (*api.Client).GetFleet, c.describeFleet)
 }
 
 func (c *cli) fleetDelete(ctx context.Context, args []string) error {
-	f := c.flags("dedi fleet delete", "NAME [flags]")
-	pos, err := c.parseArgs(f, args, 1, "one NAME")
-	if err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) error { return cl.DeleteFleet(ctx, pos[0]) }); err != nil {
-		return err
-	}
-	if f.output == "table" {
-		fmt.Fprintf(c.stdout, "fleet %s is being deleted: its machines drain, then it goes\n", pos[0])
-	}
-	return nil
+	return deleteVerb(ctx, c, c.flags("dedi fleet delete", "NAME [flags]"), args, "one NAME", (*api.Client).DeleteFleet,
+		"fleet %s is being deleted: its machines drain, then it goes\n")
 }
 
 // machine verbs
@@ -467,15 +485,10 @@ func (c *cli) machineCreate(ctx context.Context, args []string) error {
 	if *fleet == "" {
 		return &cliUsageError{msg: "dedi machine create needs --fleet NAME", help: f.name}
 	}
-	cl, err := c.client(f)
+	out, err := fetch(ctx, c, f, clientRequestTimeout, func(ctx context.Context, cl *api.Client) (api.Machine, error) {
+		return cl.CreateMachine(ctx, *fleet)
+	})
 	if err != nil {
-		return err
-	}
-	var out api.Machine
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.CreateMachine(ctx, *fleet)
-		return err
-	}); err != nil {
 		return err
 	}
 	if f.output == "json" {
@@ -488,66 +501,18 @@ func (c *cli) machineList(ctx context.Context, args []string) error {
 	f := c.flags("dedi machine list", "[flags]")
 	fleet := f.String("fleet", "", "only the machines of this fleet")
 	state := f.String("state", "", "only the machines in this state")
-	if _, err := c.parseArgs(f, args, 0, ""); err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	var out []api.Machine
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.ListMachines(ctx, *fleet, *state)
-		return err
-	}); err != nil {
-		return err
-	}
-	if f.output == "json" {
-		return writeJSONList(c, out)
-	}
-	return c.machineTable(out)
+	return listVerb(ctx, c, f, args, func(ctx context.Context, cl *api.Client) ([]api.Machine, error) {
+		return cl.ListMachines(ctx, *fleet, *state)
+	}, c.machineTable)
 }
 
 func (c *cli) machineGet(ctx context.Context, args []string) error {
-	f := c.flags("dedi machine get", "ID [flags]")
-	pos, err := c.parseArgs(f, args, 1, "one machine ID")
-	if err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	var out api.Machine
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.GetMachine(ctx, pos[0])
-		return err
-	}); err != nil {
-		return err
-	}
-	if f.output == "json" {
-		return c.writeJSON(out)
-	}
-	return c.describeMachine(out)
+	return getVerb(ctx, c, c.flags("dedi machine get", "ID [flags]"), args, "one machine ID", (*api.Client).GetMachine, c.describeMachine)
 }
 
 func (c *cli) machineDelete(ctx context.Context, args []string) error {
-	f := c.flags("dedi machine delete", "ID [flags]")
-	pos, err := c.parseArgs(f, args, 1, "one machine ID")
-	if err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) error { return cl.DeleteMachine(ctx, pos[0]) }); err != nil {
-		return err
-	}
-	if f.output == "table" {
-		fmt.Fprintf(c.stdout, "machine %s is being deleted: drain, handshake, deprovision\n", pos[0])
-	}
-	return nil
+	return deleteVerb(ctx, c, c.flags("dedi machine delete", "ID [flags]"), args, "one machine ID", (*api.Client).DeleteMachine,
+		"machine %s is being deleted: drain, handshake, deprovision\n")
 }
 
 // process verbs
@@ -601,19 +566,14 @@ func (c *cli) processStart(ctx context.Context, args []string) error {
 		}
 		req.Labels[k] = v
 	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
 	limit := clientRequestTimeout
 	if *wait {
 		limit += *timeout // the VMM answers 504 code timeout after *timeout
 	}
-	var out api.Process
-	if err := callVMM(ctx, limit, func(ctx context.Context) (err error) {
-		out, err = cl.StartProcess(ctx, req, *wait, *timeout)
-		return err
-	}); err != nil {
+	out, err := fetch(ctx, c, f, limit, func(ctx context.Context, cl *api.Client) (api.Process, error) {
+		return cl.StartProcess(ctx, req, *wait, *timeout)
+	})
+	if err != nil {
 		return err
 	}
 	if f.output == "json" {
@@ -627,66 +587,18 @@ func (c *cli) processList(ctx context.Context, args []string) error {
 	fleet := f.String("fleet", "", "only the processes of this fleet")
 	machine := f.String("machine", "", "only the processes on this machine ID")
 	state := f.String("state", "", "only the processes in this state")
-	if _, err := c.parseArgs(f, args, 0, ""); err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	var out []api.Process
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.ListProcesses(ctx, *fleet, *machine, *state)
-		return err
-	}); err != nil {
-		return err
-	}
-	if f.output == "json" {
-		return writeJSONList(c, out)
-	}
-	return c.processTable(out)
+	return listVerb(ctx, c, f, args, func(ctx context.Context, cl *api.Client) ([]api.Process, error) {
+		return cl.ListProcesses(ctx, *fleet, *machine, *state)
+	}, c.processTable)
 }
 
 func (c *cli) processGet(ctx context.Context, args []string) error {
-	f := c.flags("dedi process get", "ID [flags]")
-	pos, err := c.parseArgs(f, args, 1, "one process ID")
-	if err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	var out api.Process
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) (err error) {
-		out, err = cl.GetProcess(ctx, pos[0])
-		return err
-	}); err != nil {
-		return err
-	}
-	if f.output == "json" {
-		return c.writeJSON(out)
-	}
-	return c.describeProcess(out)
+	return getVerb(ctx, c, c.flags("dedi process get", "ID [flags]"), args, "one process ID", (*api.Client).GetProcess, c.describeProcess)
 }
 
 func (c *cli) processStop(ctx context.Context, args []string) error {
-	f := c.flags("dedi process stop", "ID [flags]")
-	pos, err := c.parseArgs(f, args, 1, "one process ID")
-	if err != nil {
-		return err
-	}
-	cl, err := c.client(f)
-	if err != nil {
-		return err
-	}
-	if err := callVMM(ctx, clientRequestTimeout, func(ctx context.Context) error { return cl.StopProcess(ctx, pos[0]) }); err != nil {
-		return err
-	}
-	if f.output == "table" {
-		fmt.Fprintf(c.stdout, "process %s is stopping\n", pos[0])
-	}
-	return nil
+	return deleteVerb(ctx, c, c.flags("dedi process stop", "ID [flags]"), args, "one process ID", (*api.Client).StopProcess,
+		"process %s is stopping\n")
 }
 
 // processLogs copies a process's log to stdout; the log is text whatever -o

@@ -58,6 +58,10 @@ type Agent struct {
 	persist  *persister
 	runCtx   context.Context
 	wg       sync.WaitGroup
+
+	// wrapAgonesREST, set by tests before Run, wraps the REST handler of
+	// each process's Agones SDK (to hold a request in flight).
+	wrapAgonesREST func(http.Handler) http.Handler
 }
 
 // New prepares an LSPM: it validates cfg, binds the listener, and reads back

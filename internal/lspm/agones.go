@@ -731,11 +731,15 @@ const agonesRebindEvery = time.Second
 
 // serveAgones serves a process's Agones SDK on its bound listeners until
 // the process ends (done closes) or the LSPM stops. It must be called from
-// the loop, or from Run before it serves (goroutines join a.wg).
+// the loop, or from Run before it serves (goroutines join a.wg). Its stop
+// waits for the handlers of both sides, so none runs once Run returns.
 func (a *Agent) serveAgones(p *proc, ls *agonesListeners, owner peerOwner) {
 	s := &agonesServer{a: a, id: p.view.ID, log: a.log.With("process", p.view.ID), owner: owner}
 	gs := s.grpcServer()
 	hs := s.httpServer()
+	if a.wrapAgonesREST != nil {
+		hs.Handler = a.wrapAgonesREST(hs.Handler)
+	}
 	for _, ln := range ls.grpc {
 		a.goOwned(func(context.Context) {
 			if err := gs.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -743,9 +747,7 @@ func (a *Agent) serveAgones(p *proc, ls *agonesListeners, owner peerOwner) {
 			}
 		})
 	}
-	for _, ln := range ls.http {
-		a.goOwned(func(context.Context) { _ = hs.Serve(ln) })
-	}
+	hg := startHTTPGateway(hs, ls.http)
 	done := p.done
 	a.goOwned(func(ctx context.Context) {
 		select {
@@ -753,6 +755,6 @@ func (a *Agent) serveAgones(p *proc, ls *agonesListeners, owner peerOwner) {
 		case <-ctx.Done():
 		}
 		gs.Stop()
-		_ = hs.Close()
+		hg.stop(agonesHTTPStopWait)
 	})
 }

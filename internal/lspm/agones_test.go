@@ -14,8 +14,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -43,6 +45,7 @@ type agonesEnv struct {
 	game launched
 	http string // base URL of the REST gateway
 	grpc string // host:port of the gRPC service
+	stop func() // stops the LSPM and waits for Run to return
 }
 
 // selfOwner names the test process as the game whose tree may connect.
@@ -61,6 +64,12 @@ func selfOwner(t *testing.T) peerOwner {
 
 func startAgones(t *testing.T, owner func(game launched) peerOwner) *agonesEnv {
 	t.Helper()
+	return startAgonesWrapped(t, owner, nil)
+}
+
+// startAgonesWrapped is startAgones with wrap around the REST handler.
+func startAgonesWrapped(t *testing.T, owner func(game launched) peerOwner, wrap func(http.Handler) http.Handler) *agonesEnv {
+	t.Helper()
 	clk := clock.NewFake(time.Now().UTC())
 	cfg := Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), MachineID: "m", Insecure: true,
 		PortMin: 47500, PortMax: 47599, ShimPath: "/bin/false", Grace: 5 * time.Second}
@@ -68,12 +77,14 @@ func startAgones(t *testing.T, owner func(game launched) peerOwner) *agonesEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	a.wrapAgonesREST = wrap
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan struct{})
 	go func() { defer close(ran); _ = a.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-ran })
+	stop := func() { cancel(); <-ran }
+	t.Cleanup(stop)
 
-	e := &agonesEnv{a: a, clk: clk, id: "p-agones", game: sleeper(t)}
+	e := &agonesEnv{a: a, clk: clk, id: "p-agones", game: sleeper(t), stop: stop}
 	var plan spawnPlan
 	var rerr error
 	if err := a.do(func(tb *table) {
@@ -368,6 +379,175 @@ func TestAgonesWatchREST(t *testing.T) {
 		if gs["object_meta"].(map[string]any)["labels"].(map[string]any)["agones.dev/sdk-watched"] == "yes" {
 			break
 		}
+	}
+}
+
+// goroutinesIn counts the goroutines with a frame whose function name
+// contains fn.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte(fn)) {
+			count++
+		}
+	}
+	return count
+}
+
+// TestAgonesStopEndsREST: when the LSPM stops, the REST requests of the
+// Agones SDK in flight are ended and waited for (as the gRPC ones are): a
+// handler that takes a while to finish once its request's context ended,
+// a watch, and a request whose client stalls in its body. Nothing of the
+// gateway may run, touching the table or the persister, after Run returned.
+func TestAgonesStopEndsREST(t *testing.T) {
+	var slowDone atomic.Bool
+	slowIn := make(chan struct{})
+	wrap := func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			h.ServeHTTP(w, r)
+			if r.URL.Path != "/gameserver" {
+				return
+			}
+			close(slowIn)
+			select {
+			case <-r.Context().Done():
+			case <-time.After(10 * time.Second):
+			}
+			time.Sleep(300 * time.Millisecond) // winding down, as a handler may
+			slowDone.Store(true)
+		})
+	}
+	e := startAgonesWrapped(t, func(launched) peerOwner { return selfOwner(t) }, wrap)
+	const handler = "lspm.(*agonesServer).ServeHTTP"
+	base := goroutinesIn(handler)
+
+	slow := make(chan struct{})
+	go func() {
+		defer close(slow)
+		if resp, err := http.Get(e.http + "/gameserver"); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	defer func() { <-slow }()
+	<-slowIn
+
+	resp, err := http.Get(e.http + "/watch/gameserver")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	watch := bufio.NewReader(resp.Body)
+	if _, err := watch.ReadString('\n'); err != nil {
+		t.Fatalf("watch: %v", err)
+	}
+	// A client that sends half a body and then nothing: only closing its
+	// connection ends its handler.
+	stalled, err := net.Dial("tcp", strings.TrimPrefix(e.http, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stalled.Close()
+	if _, err := io.WriteString(stalled, "POST /ready HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); goroutinesIn(handler) < base+2; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d REST handlers running, want %d", goroutinesIn(handler)-base, 2)
+		}
+	}
+
+	start := time.Now()
+	e.stop()
+	if took, bound := time.Since(start), agonesHTTPStopWait+5*time.Second; took > bound {
+		t.Fatalf("the LSPM took %v to stop, want at most %v", took, bound)
+	}
+	if !slowDone.Load() {
+		t.Fatal("the LSPM stopped before a REST handler in flight had finished")
+	}
+	if n := goroutinesIn(handler) - base; n != 0 {
+		t.Fatalf("%d REST handlers still run after the LSPM stopped", n)
+	}
+	if n := goroutinesIn("lspm.(*httpGateway)"); n != 0 {
+		t.Fatalf("%d goroutines of the REST gateway still run after the LSPM stopped", n)
+	}
+	_, _ = io.Copy(io.Discard, watch) // the watch has ended: this returns
+}
+
+// TestHTTPGatewayStopWaits: the gateway's stop ends the requests' contexts
+// and returns only once their handlers have, also one that takes its time
+// to finish after its context ended; a handler that ignores its context is
+// cut off by closing its connection after the wait.
+func TestHTTPGatewayStopWaits(t *testing.T) {
+	var running, finished atomic.Int32
+	entered := make(chan struct{}, 2)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		running.Add(1)
+		defer running.Add(-1)
+		entered <- struct{}{}
+		if r.URL.Path == "/slow" {
+			<-r.Context().Done()
+			time.Sleep(200 * time.Millisecond) // cleaning up
+		} else {
+			_, _ = io.Copy(io.Discard, r.Body) // a stalled body: only a closed connection ends it
+		}
+		finished.Add(1)
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := startHTTPGateway(srv, []net.Listener{ln})
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			g.stop(0)
+		}
+	})
+
+	client := &http.Client{}
+	defer client.CloseIdleConnections()
+	slow := make(chan error, 1)
+	go func() {
+		resp, err := client.Get("http://" + ln.Addr().String() + "/slow")
+		if err == nil {
+			resp.Body.Close()
+		}
+		slow <- err
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"); err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	<-entered
+
+	const wait = 300 * time.Millisecond
+	start := time.Now()
+	g.stop(wait)
+	stopped = true
+	took := time.Since(start)
+	if n := running.Load(); n != 0 || finished.Load() != 2 {
+		t.Fatalf("stop returned with %d handlers running, %d finished", n, finished.Load())
+	}
+	if took < wait || took > wait+5*time.Second {
+		t.Fatalf("stop took %v, want the wait (%v) and little more", took, wait)
+	}
+	<-slow
+	if _, err := net.DialTimeout("tcp", ln.Addr().String(), time.Second); err == nil {
+		t.Fatal("the gateway still accepts connections after stop")
 	}
 }
 

@@ -195,6 +195,7 @@ func validName(s string) bool {
 	return true
 }
 
+// fileSHA256 returns the hex SHA-256 of the file at p.
 func fileSHA256(p string) (string, error) {
 	f, err := os.Open(p)
 	if err != nil {

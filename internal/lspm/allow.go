@@ -273,17 +273,3 @@ func (a *allowList) hash(path string) (string, error) {
 		return key.sum, nil
 	}
 }
-
-// FileSHA256 returns the hex SHA-256 of a file (for --allow PATH=SHA256).
-func FileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}

@@ -15,6 +15,7 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -202,6 +203,9 @@ func FuzzFleet(f *testing.F) {
 	// A regression: 1e10 s (317 years, "never") overflowed time.Duration
 	// in tick, so an idle machine of such a fleet was drained at once.
 	f.Add([]byte(`{"name": "never-idle", "scaling": {"idleShutdownSeconds": 1e10}}`))
+	// A regression of this test: its copy of an accepted fleet made an
+	// empty command nil, and took its own copy for a change.
+	f.Add([]byte(`{"name": "000", "command": []}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		var fl api.Fleet
 		err := rest.DecodeBytes(body, &fl, false)
@@ -253,8 +257,8 @@ func FuzzFleet(f *testing.F) {
 		}
 		// The defaults are a fixed point: an accepted fleet validates as it is.
 		again := fl
-		again.Command = append([]string(nil), fl.Command...)
-		again.Ports = append([]string{}, fl.Ports...)
+		again.Command = slices.Clone(fl.Command) // keeps [] apart from nil, as DeepEqual does
+		again.Ports = slices.Clone(fl.Ports)
 		if err := validateFleet(&again); err != nil {
 			t.Fatalf("accepted fleet refused on a second look: %v", err)
 		}

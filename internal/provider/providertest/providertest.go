@@ -3,6 +3,11 @@
 // each machine's LSPM, that they boot, are told apart and go away. A
 // backend's own test calls Run with a constructor and a Spec factory, as
 // litestream's backends share replica_client_test.go.
+//
+// It also holds what the backends' own tests share: a stand-in VMM that
+// hands out Specs and takes the LSPMs' status reports (VMM); requests to
+// an LSPM (Send, Do, SpawnReady); waits (WaitFor, WaitHealthy); a UDP echo
+// check; and the chores of a test (GoBuild, Logger, CheckNoneLeft).
 package providertest
 
 import (
@@ -10,10 +15,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"fmt"
-	"io"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -21,9 +23,9 @@ import (
 )
 
 // BootTimeout bounds how long an LSPM may take to answer after Create, and
-// to stop answering after Delete.
+// to stop answering after Delete, and how long WaitFor waits.
 // A backend that boots slowly (a VM under software emulation, on a loaded
-// CI machine) raises it in its own test before calling Run.
+// CI machine) raises it in its TestMain, before any test runs.
 var BootTimeout = 15 * time.Second
 
 // Run runs the contract suite against a provider.
@@ -66,7 +68,7 @@ func (s suite) testCreate(t *testing.T) {
 	if m.MachineID != sp.MachineID || m.Fleet != fleet {
 		t.Errorf("Create returned machine %q of fleet %q, want %q of %q", m.MachineID, m.Fleet, sp.MachineID, fleet)
 	}
-	waitHealthy(t, m)
+	WaitHealthy(t, m)
 	if got := machineIDOf(t, m, sp.Token); got != sp.MachineID {
 		t.Errorf("LSPM status machineId = %q, want %q", got, sp.MachineID)
 	}
@@ -108,8 +110,8 @@ func (s suite) testTwoMachines(t *testing.T) {
 	if a.Address == b.Address && a.LSPMURL == b.LSPMURL {
 		t.Errorf("both machines have address %q and LSPM URL %q", a.Address, a.LSPMURL)
 	}
-	waitHealthy(t, a)
-	waitHealthy(t, b)
+	WaitHealthy(t, a)
+	WaitHealthy(t, b)
 	if got := machineIDOf(t, a, sa.Token); got != sa.MachineID {
 		t.Errorf("first LSPM says machineId %q, want %q", got, sa.MachineID)
 	}
@@ -127,7 +129,7 @@ func (s suite) testDelete(t *testing.T) {
 	p := s.newProvider(t)
 	fleet := uniqueName(t, "f")
 	_, m := s.create(t, p, fleet)
-	waitHealthy(t, m)
+	WaitHealthy(t, m)
 	if err := p.Delete(ctx(t), m.ProviderID); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
@@ -158,7 +160,7 @@ func (s suite) testReopen(t *testing.T) {
 	first := s.newProvider(t)
 	fleet := uniqueName(t, "f")
 	_, m := s.create(t, first, fleet)
-	waitHealthy(t, m)
+	WaitHealthy(t, m)
 
 	second := s.newProvider(t)
 	got, ok := find(t, second, fleet, m.ProviderID)
@@ -172,7 +174,7 @@ func (s suite) testReopen(t *testing.T) {
 	if n.Address == m.Address && n.LSPMURL == m.LSPMURL {
 		t.Errorf("the re-created provider reused address %q and LSPM URL %q", m.Address, m.LSPMURL)
 	}
-	waitHealthy(t, n)
+	WaitHealthy(t, n)
 	if id := machineIDOf(t, n, sn.Token); id != sn.MachineID {
 		t.Errorf("new LSPM says machineId %q, want %q", id, sn.MachineID)
 	}
@@ -237,44 +239,6 @@ func uniqueName(t *testing.T, prefix string) string {
 		t.Fatal(err)
 	}
 	return prefix + "-" + hex.EncodeToString(b)
-}
-
-var client = &http.Client{Timeout: 2 * time.Second}
-
-// get fetches LSPMURL+path and returns the status and body.
-func get(m provider.Machine, path, token string) (int, []byte, error) {
-	req, err := http.NewRequest(http.MethodGet, strings.TrimSuffix(m.LSPMURL, "/")+path, nil)
-	if err != nil {
-		return 0, nil, err
-	}
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	return resp.StatusCode, body, err
-}
-
-// waitHealthy waits until the machine's LSPM answers GET /healthz with 200.
-func waitHealthy(t *testing.T, m provider.Machine) {
-	t.Helper()
-	deadline := time.Now().Add(BootTimeout)
-	var last string
-	for {
-		code, _, err := get(m, "/healthz", "")
-		if err == nil && code == http.StatusOK {
-			return
-		}
-		last = fmt.Sprint(code, err)
-		if time.Now().After(deadline) {
-			t.Fatalf("LSPM of %s at %s not healthy within %v (last: %s)", m.MachineID, m.LSPMURL, BootTimeout, last)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // waitGone waits until the machine's LSPM stops answering GET /healthz.

@@ -6,18 +6,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/netip"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -69,10 +64,8 @@ func setup(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	dedi, game := filepath.Join(dir, "dedi"), filepath.Join(dir, "game")
 	for _, b := range []struct{ out, pkg string }{{dedi, "dedi.dev/dedi/cmd/dedi"}, {filepath.Join(game, "echo"), "dedi.dev/dedi/examples/echo"}} {
-		cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", b.pkg, err, out)
+		if err := providertest.GoBuild(b.out, b.pkg); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
 	}
@@ -120,7 +113,7 @@ func needDocker(t *testing.T) {
 // [first, first+n) of the test block 127.0.2.1-41, ports 20000 + 100*slot.
 func testConfig(t *testing.T, name string, first, n int) Config {
 	return Config{Instance: name + "-" + runID, FirstAddress: netip.AddrFrom4([4]byte{127, 0, 2, byte(1 + first)}),
-		Machines: n, PortBase: 20000 + 100*first, PortsPerMachine: 100, Logger: testLogger(t)}
+		Machines: n, PortBase: 20000 + 100*first, PortsPerMachine: 100, Logger: providertest.Logger(t)}
 }
 
 func newDocker(t *testing.T, cfg Config) *Docker {
@@ -136,89 +129,14 @@ func newDocker(t *testing.T, cfg Config) *Docker {
 // checkNoneLeft fails the test if the instance still has a container when
 // the test ends, and removes it.
 func checkNoneLeft(t *testing.T, cfg Config) {
-	t.Cleanup(func() {
-		d, err := New(cfg)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer d.Close()
-		ms, err := d.List(context.Background(), "")
-		if err != nil {
-			t.Error(err)
-		}
-		for _, m := range ms {
-			t.Errorf("machine %s (container %.12s) left behind; deleting it", m.MachineID, m.ProviderID)
-			_ = d.Delete(context.Background(), m.ProviderID)
-		}
-	})
+	providertest.CheckNoneLeft(t, func() (provider.Provider, error) { return New(cfg) })
 }
 
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
-}
-
-// fakeVMM answers LSPM status reports and counts them per machine.
-type fakeVMM struct {
-	*httptest.Server
-	mu      sync.Mutex
-	tokens  map[string]string // machine id -> token
-	reports map[string]int
-}
-
-func newFakeVMM(t *testing.T) *fakeVMM {
-	v := &fakeVMM{tokens: map[string]string{}, reports: map[string]int{}}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/machines/{id}/status", func(w http.ResponseWriter, r *http.Request) {
-		id := r.PathValue("id")
-		var st api.Status
-		if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		v.mu.Lock()
-		ok := v.tokens[id] != "" && r.Header.Get("Authorization") == "Bearer "+v.tokens[id] && st.MachineID == id
-		if ok {
-			v.reports[id]++
-		}
-		v.mu.Unlock()
-		if !ok {
-			w.Header().Set("WWW-Authenticate", "Bearer")
-			http.Error(w, "unauthorized", http.StatusUnauthorized)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"applied":true}`)
-	})
-	// The containers share the host's network: they reach 127.0.0.1.
-	v.Server = httptest.NewServer(mux)
-	t.Cleanup(v.Close)
-	return v
-}
-
-func (v *fakeVMM) reportsOf(id string) int {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.reports[id]
-}
-
-// spec is a machine of the echo image, with no command: the image's
-// default command runs.
-func (v *fakeVMM) spec(t *testing.T, machineID, fleet string) provider.Spec {
-	token := randHex(16)
-	v.mu.Lock()
-	v.tokens[machineID] = token
-	v.mu.Unlock()
-	return provider.Spec{MachineID: machineID, Fleet: fleet, Token: token, VMMURL: v.URL, Image: imageRef,
-		MaxProcesses: 2, ReportInterval: 200 * time.Millisecond}
+// newVMM starts a stand-in VMM whose machines are of the echo image, with
+// no command: the image's default command runs. The containers share the
+// host's network: they reach it on 127.0.0.1.
+func newVMM(t *testing.T) *providertest.VMM {
+	return providertest.NewVMM(t, provider.Spec{Image: imageRef, MaxProcesses: 2, ReportInterval: 200 * time.Millisecond})
 }
 
 func TestProviderContract(t *testing.T) {
@@ -226,8 +144,8 @@ func TestProviderContract(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, "contract", 0, 20)
 	checkNoneLeft(t, cfg)
-	vmm := newFakeVMM(t)
-	providertest.Run(t, func(t *testing.T) provider.Provider { return newDocker(t, cfg) }, vmm.spec)
+	vmm := newVMM(t)
+	providertest.Run(t, func(t *testing.T) provider.Provider { return newDocker(t, cfg) }, vmm.Spec)
 }
 
 // TestMachineRunsOnlyTheImage: a machine runs the image's default command
@@ -239,9 +157,9 @@ func TestMachineRunsOnlyTheImage(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, "image", 20, 5)
 	checkNoneLeft(t, cfg)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	d := newDocker(t, cfg)
-	sp := vmm.spec(t, "m-image", "f")
+	sp := vmm.Spec(t, "m-image", "f")
 	m, err := d.Create(t.Context(), sp)
 	if err != nil {
 		t.Fatal(err)
@@ -249,18 +167,18 @@ func TestMachineRunsOnlyTheImage(t *testing.T) {
 	if m.Address != "127.0.2.21" || m.LSPMURL != "http://127.0.2.21:7701" {
 		t.Errorf("machine on %s, LSPM %s; want slot 0 of the config: 127.0.2.21", m.Address, m.LSPMURL)
 	}
-	game := spawnReady(t, m, sp.Token, `{}`)
+	game := providertest.SpawnReady(t, m, sp.Token, `{}`)
 	if game.Address != m.Address || game.Ports["game"] < 22000 || game.Ports["game"] > 22099 {
 		t.Errorf("game on %s:%v, want %s and a port of 22000-22099", game.Address, game.Ports, m.Address)
 	}
-	if got := udpEcho(t, game.Address, game.Ports["game"], "ping"); got != "ping" {
+	if got := providertest.UDPEcho(t, game.Address, game.Ports["game"], "ping", 5*time.Second); got != "ping" {
 		t.Errorf("echo answered %q", got)
 	}
-	waitFor(t, "a status report at the VMM", func() bool { return vmm.reportsOf(sp.MachineID) > 0 })
+	providertest.WaitFor(t, "a status report at the VMM", func() bool { return vmm.Reports(sp.MachineID) > 0 })
 
 	// Only the manifest's executables: dedi itself is in the image but
 	// not allowed.
-	code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{"command":["/dedi/dedi","example","echo"]}`, nil)
+	code, body := providertest.Do(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{"command":["/dedi/dedi","example","echo"]}`, nil)
 	if code != http.StatusForbidden || !strings.Contains(string(body), api.CodeExecutableNotAllowed) {
 		t.Errorf("spawn of an executable outside the manifest: %d %s", code, body)
 	}
@@ -308,17 +226,17 @@ func TestDeleteAfterLSPMDied(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, "died", 25, 5)
 	checkNoneLeft(t, cfg)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	d := newDocker(t, cfg)
-	m, err := d.Create(t.Context(), vmm.spec(t, "m-died", "f"))
+	m, err := d.Create(t.Context(), vmm.Spec(t, "m-died", "f"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitHealthy(t, m)
+	providertest.WaitHealthy(t, m)
 	if _, err := d.cli.ContainerKill(t.Context(), m.ProviderID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the container to stop", func() bool {
+	providertest.WaitFor(t, "the container to stop", func() bool {
 		insp, err := d.cli.ContainerInspect(t.Context(), m.ProviderID, client.ContainerInspectOptions{})
 		return err == nil && !insp.Container.State.Running
 	})
@@ -342,14 +260,14 @@ func TestInstancesApart(t *testing.T) {
 	cfgA, cfgB := testConfig(t, "apart-a", 30, 5), testConfig(t, "apart-b", 30, 5)
 	checkNoneLeft(t, cfgA)
 	checkNoneLeft(t, cfgB)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	a, b := newDocker(t, cfgA), newDocker(t, cfgB)
-	ma, err := a.Create(t.Context(), vmm.spec(t, "m-a", "f"))
+	ma, err := a.Create(t.Context(), vmm.Spec(t, "m-a", "f"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = a.Delete(context.Background(), ma.ProviderID) })
-	mb, err := b.Create(t.Context(), vmm.spec(t, "m-b", "f"))
+	mb, err := b.Create(t.Context(), vmm.Spec(t, "m-b", "f"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -366,7 +284,7 @@ func TestInstancesApart(t *testing.T) {
 	if ms, _ := a.List(t.Context(), ""); len(ms) != 1 {
 		t.Errorf("a's machine gone after b deleted it: %+v", ms)
 	}
-	waitHealthy(t, ma)
+	providertest.WaitHealthy(t, ma)
 }
 
 func TestCreateErrors(t *testing.T) {
@@ -374,21 +292,21 @@ func TestCreateErrors(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, "errors", 40, 1)
 	checkNoneLeft(t, cfg)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	d := newDocker(t, cfg)
 	plain := plainImage(t, d.cli)
 	for name, c := range map[string]struct {
 		spec provider.Spec
 		want string
 	}{
-		"bad id":        {vmm.spec(t, "../x", "f"), "invalid machine id"},
+		"bad id":        {vmm.Spec(t, "../x", "f"), "invalid machine id"},
 		"no token":      {provider.Spec{MachineID: "m-x", Fleet: "f", Image: imageRef}, "no token"},
 		"no image":      {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t"}, "no image"},
 		"unknown image": {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t", Image: "dedi-no-such-image-" + runID + ":1"}, "never pulls"},
 		"not dedi's":    {provider.Spec{MachineID: "m-x", Fleet: "f", Token: "t", Image: plain}, "not a dedi image"},
 		// dedi is in the image but not of its build: a fleet must not run it as its game.
 		"command outside the build": {func() provider.Spec {
-			s := vmm.spec(t, "m-x", "f")
+			s := vmm.Spec(t, "m-x", "f")
 			s.Command = []string{image.DockerDedi, "example", "echo"}
 			return s
 		}(), "not an executable of image"},
@@ -398,15 +316,15 @@ func TestCreateErrors(t *testing.T) {
 			t.Errorf("%s: Create: %v, want an error saying %q", name, err, c.want)
 		}
 	}
-	m, err := d.Create(t.Context(), vmm.spec(t, "m-one", "f"))
+	m, err := d.Create(t.Context(), vmm.Spec(t, "m-one", "f"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = d.Delete(context.Background(), m.ProviderID) })
-	if _, err := d.Create(t.Context(), vmm.spec(t, "m-one", "f")); err == nil || !strings.Contains(err.Error(), "exists") {
+	if _, err := d.Create(t.Context(), vmm.Spec(t, "m-one", "f")); err == nil || !strings.Contains(err.Error(), "exists") {
 		t.Errorf("Create of an existing machine id: %v", err)
 	}
-	if _, err := d.Create(t.Context(), vmm.spec(t, "m-two", "f")); !errors.Is(err, provider.ErrNoCapacity) {
+	if _, err := d.Create(t.Context(), vmm.Spec(t, "m-two", "f")); !errors.Is(err, provider.ErrNoCapacity) {
 		t.Errorf("Create past the last slot: %v, want ErrNoCapacity", err)
 	}
 	// Delete of what is not a container of this instance leaves it alone.
@@ -426,9 +344,9 @@ func TestCreateRaceForOneSlot(t *testing.T) {
 	cfgA, cfgB := testConfig(t, "race-a", 42, 1), testConfig(t, "race-b", 42, 1)
 	checkNoneLeft(t, cfgA)
 	checkNoneLeft(t, cfgB)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	ds := []*Docker{newDocker(t, cfgA), newDocker(t, cfgB)}
-	specs := []provider.Spec{vmm.spec(t, "m-race-a", "f"), vmm.spec(t, "m-race-b", "f")}
+	specs := []provider.Spec{vmm.Spec(t, "m-race-a", "f"), vmm.Spec(t, "m-race-b", "f")}
 	ms, errs := make([]provider.Machine, 2), make([]error, 2)
 	var wg sync.WaitGroup
 	for i := range ds {
@@ -454,7 +372,7 @@ func TestCreateRaceForOneSlot(t *testing.T) {
 	if lost, _ := ds[1-won].List(t.Context(), ""); len(lost) != 0 {
 		t.Errorf("the provider that lost the race lists %+v", lost)
 	}
-	waitHealthy(t, ms[won])
+	providertest.WaitHealthy(t, ms[won])
 }
 
 // TestCreateHonoursContext: a Create waiting for another's slot choice
@@ -464,14 +382,14 @@ func TestCreateHonoursContext(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, "ctx", 41, 1)
 	checkNoneLeft(t, cfg)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	d := newDocker(t, cfg)
 	d.slots <- struct{}{} // another Create is choosing a slot, and the engine is slow
 	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)
 	go func() {
-		_, err := d.Create(ctx, vmm.spec(t, "m-ctx", "f"))
+		_, err := d.Create(ctx, vmm.Spec(t, "m-ctx", "f"))
 		done <- err
 	}()
 	select {
@@ -602,22 +520,6 @@ func TestConfig(t *testing.T) {
 	}
 }
 
-// spawnReady starts a game server on the machine through its LSPM and
-// waits until it is ready.
-func spawnReady(t *testing.T, m provider.Machine, token, req string) api.Process {
-	t.Helper()
-	waitHealthy(t, m)
-	var p api.Process
-	if code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", token, req, &p); code != http.StatusCreated {
-		t.Fatalf("spawn: %d %s", code, body)
-	}
-	waitFor(t, "the game server to be ready", func() bool {
-		httpDo(t, http.MethodGet, m.LSPMURL+"/v1/processes/"+p.ID, token, "", &p)
-		return p.State == api.StateReady
-	})
-	return p
-}
-
 // hostPID finds a game server's pid on the host by the process id in its
 // environment (the pid the LSPM reports is the container's).
 func hostPID(t *testing.T, processID string) int {
@@ -650,76 +552,4 @@ func procUID(t *testing.T, pid int) string {
 	}
 	t.Fatalf("no Uid in /proc/%d/status", pid)
 	return ""
-}
-
-func udpEcho(t *testing.T, addr string, port int, msg string) string {
-	t.Helper()
-	c, err := net.Dial("udp", net.JoinHostPort(addr, strconv.Itoa(port)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 1500)
-	for i := 0; i < 20; i++ {
-		c.Write([]byte(msg))
-		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
-		if n, err := c.Read(buf); err == nil {
-			return string(buf[:n])
-		}
-	}
-	return ""
-}
-
-func waitHealthy(t *testing.T, m provider.Machine) {
-	t.Helper()
-	waitFor(t, "the LSPM to answer", func() bool {
-		resp, err := httpClient.Get(m.LSPMURL + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-var httpClient = &http.Client{Timeout: 5 * time.Second}
-
-// httpDo makes a request and decodes a 2xx JSON answer into out.
-func httpDo(t *testing.T, method, url, token, body string, out any) (int, []byte) {
-	t.Helper()
-	var rd io.Reader
-	if body != "" {
-		rd = strings.NewReader(body)
-	}
-	req, err := http.NewRequest(method, url, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := httpClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode/100 == 2 && out != nil {
-		if err := json.Unmarshal(raw, out); err != nil {
-			t.Fatalf("%s %s: %v in %s", method, url, err, raw)
-		}
-	}
-	return resp.StatusCode, raw
 }

@@ -3,23 +3,16 @@ package qemu
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -45,6 +38,9 @@ func TestMain(m *testing.M) {
 }
 
 func testMain(m *testing.M) int {
+	// A VM under TCG boots in 3-10 s, and more while the rest of the
+	// suite loads both cores.
+	providertest.BootTimeout = 60 * time.Second
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		skipWhy = "qemu-system-x86_64 is not installed (scripts/ci-deps.sh installs it)"
 		return m.Run()
@@ -64,10 +60,8 @@ func testMain(m *testing.M) int {
 		{filepath.Join(dir, "dedi"), "dedi.dev/dedi/cmd/dedi"},
 		{filepath.Join(build, "echo"), "dedi.dev/dedi/examples/echo"},
 	} {
-		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", b.out, b.pkg)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", b.pkg, err, out)
+		if err := providertest.GoBuild(b.out, b.pkg, "-trimpath", "-ldflags=-s -w"); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
 	}
@@ -89,18 +83,7 @@ func needVMs(t *testing.T) {
 
 func testConfig(t *testing.T, dir string) Config {
 	return Config{Dir: dir, Accel: "tcg", MemoryMiB: 256, FirstHost: 170, LastHost: 179, LSPMPort: 7701,
-		PortBase: 42000, PortsPerMachine: 10, Logger: testLogger(t)}
-}
-
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
+		PortBase: 42000, PortsPerMachine: 10, Logger: providertest.Logger(t)}
 }
 
 func newQEMU(t *testing.T, dir string) *QEMU {
@@ -148,87 +131,18 @@ func qemuPIDsUnder(dir string) []int {
 	return pids
 }
 
-// fakeVMM answers LSPM status reports and counts them per machine.
-type fakeVMM struct {
-	*httptest.Server
-	mu      sync.Mutex
-	tokens  map[string]string
-	reports map[string]int
-	last    map[string]api.Status
-	ended   map[string]string // process id -> terminal state, from any report
-}
-
-func newFakeVMM(t *testing.T) *fakeVMM {
-	v := &fakeVMM{tokens: map[string]string{}, reports: map[string]int{}, last: map[string]api.Status{}, ended: map[string]string{}}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/machines/{id}/status", func(w http.ResponseWriter, r *http.Request) {
-		id := r.PathValue("id")
-		var st api.Status
-		if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		v.mu.Lock()
-		ok := v.tokens[id] != "" && r.Header.Get("Authorization") == "Bearer "+v.tokens[id] && st.MachineID == id
-		if ok {
-			v.reports[id]++
-			if st.Seq > v.last[id].Seq {
-				v.last[id] = st
-			}
-			for _, p := range st.Ended {
-				v.ended[p.ID] = p.State
-			}
-		}
-		v.mu.Unlock()
-		if !ok {
-			w.Header().Set("WWW-Authenticate", "Bearer")
-			http.Error(w, "unauthorized", http.StatusUnauthorized)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"applied":true}`)
-	})
-	// httptest listens on 127.0.0.1, which the guests reach as 10.0.2.2.
-	v.Server = httptest.NewServer(mux)
-	t.Cleanup(v.Close)
-	return v
-}
-
-func (v *fakeVMM) reportsOf(id string) int {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.reports[id]
-}
-
-func (v *fakeVMM) lastOf(id string) api.Status {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.last[id]
-}
-
-// spec returns a Spec for a machine of the echo image reporting to v.
-func (v *fakeVMM) spec(t *testing.T, machineID, fleet string) provider.Spec {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	token := hex.EncodeToString(b)
-	v.mu.Lock()
-	v.tokens[machineID] = token
-	v.mu.Unlock()
-	return provider.Spec{MachineID: machineID, Fleet: fleet, Token: token, VMMURL: v.URL, Image: imageRef,
-		MaxProcesses: 2, ReportInterval: 200 * time.Millisecond}
+// newVMM starts a stand-in VMM whose machines are of the echo image.
+// It listens on 127.0.0.1, which the guests reach as 10.0.2.2.
+func newVMM(t *testing.T) *providertest.VMM {
+	return providertest.NewVMM(t, provider.Spec{Image: imageRef, MaxProcesses: 2, ReportInterval: 200 * time.Millisecond})
 }
 
 func TestProviderContract(t *testing.T) {
 	needVMs(t)
 	dir := t.TempDir()
 	cleanupDir(t, dir)
-	vmm := newFakeVMM(t)
-	// A VM under TCG boots in 3-10 s, and more while the rest of the
-	// suite loads both cores.
-	providertest.BootTimeout = 60 * time.Second
-	providertest.Run(t, func(t *testing.T) provider.Provider { return newQEMU(t, dir) }, vmm.spec)
+	vmm := newVMM(t)
+	providertest.Run(t, func(t *testing.T) provider.Provider { return newQEMU(t, dir) }, vmm.Spec)
 }
 
 // TestMachineLifecycle: a VM boots with its identity from the appended
@@ -240,9 +154,9 @@ func TestMachineLifecycle(t *testing.T) {
 	needVMs(t)
 	dir := t.TempDir()
 	cleanupDir(t, dir)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	q := newQEMU(t, dir)
-	sp := vmm.spec(t, "m-life", "f")
+	sp := vmm.Spec(t, "m-life", "f")
 	m, err := q.Create(t.Context(), sp)
 	if err != nil {
 		t.Fatal(err)
@@ -276,31 +190,31 @@ func TestMachineLifecycle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(q.machineDir(m.ProviderID), initrdFile)); !os.IsNotExist(err) {
 		t.Errorf("the per-machine initrd (with the token) is kept after boot: %v", err)
 	}
-	waitFor(t, "a status report with the machine's token", func() bool { return vmm.reportsOf(sp.MachineID) > 0 })
-	if hw := vmm.lastOf(sp.MachineID).Hardware; hw.Hostname != sp.MachineID || !strings.HasPrefix(hw.Kernel, "6.") {
+	providertest.WaitFor(t, "a status report with the machine's token", func() bool { return vmm.Reports(sp.MachineID) > 0 })
+	if hw := vmm.Last(sp.MachineID).Hardware; hw.Hostname != sp.MachineID || !strings.HasPrefix(hw.Kernel, "6.") {
 		t.Errorf("reported hardware %+v, want the guest's", hw)
 	}
 
 	var p api.Process
-	if code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{}`, &p); code != http.StatusCreated {
+	if code, body := providertest.DoUntilAnswered(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{}`, &p); code != http.StatusCreated {
 		t.Fatalf("spawn: %d %s", code, body)
 	}
 	if len(p.Command) == 0 || p.Command[0] != "/opt/game/echo" {
 		t.Errorf("spawned %q, want the image's default command", p.Command)
 	}
-	waitFor(t, "the echo to be ready", func() bool {
-		httpDo(t, http.MethodGet, m.LSPMURL+"/v1/processes/"+p.ID, sp.Token, "", &p)
+	providertest.WaitFor(t, "the echo to be ready", func() bool {
+		providertest.DoUntilAnswered(t, http.MethodGet, m.LSPMURL+"/v1/processes/"+p.ID, sp.Token, "", &p)
 		return p.State == api.StateReady
 	})
 	port := p.Ports["game"]
 	if p.Address != m.Address || port < rec.PortMin || port > rec.PortMax {
 		t.Fatalf("echo on %s:%d, want %s with a port of %d-%d", p.Address, port, m.Address, rec.PortMin, rec.PortMax)
 	}
-	if got := udpEcho(t, m.Address, port, "ping"); got != "ping" {
+	if got := providertest.UDPEcho(t, m.Address, port, "ping", 10*time.Second); got != "ping" {
 		t.Fatalf("echo answered %q", got)
 	}
 	// The hash pin: a spawn of anything else is refused.
-	if code, body := httpDo(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{"command":["/bin/dedi","version"]}`, nil); code != http.StatusForbidden {
+	if code, body := providertest.DoUntilAnswered(t, http.MethodPost, m.LSPMURL+"/v1/processes", sp.Token, `{"command":["/bin/dedi","version"]}`, nil); code != http.StatusForbidden {
 		t.Errorf("spawn of /bin/dedi: %d %s, want 403", code, body)
 	}
 
@@ -308,10 +222,7 @@ func TestMachineLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The drain stopped the game through the LSPM, whose reports say so.
-	last := vmm.lastOf(sp.MachineID)
-	vmm.mu.Lock()
-	ended := vmm.ended[p.ID]
-	vmm.mu.Unlock()
+	last, ended := vmm.Last(sp.MachineID), vmm.Ended(p.ID)
 	if len(last.Processes) != 0 || ended != api.StateKilled {
 		t.Errorf("last report before power-off: state %s, live %+v, echo ended %q; want none live and the echo killed", last.State, last.Processes, ended)
 	}
@@ -329,9 +240,9 @@ func TestPoweredOffMachine(t *testing.T) {
 	needVMs(t)
 	dir := t.TempDir()
 	cleanupDir(t, dir)
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	q := newQEMU(t, dir)
-	m, err := q.Create(t.Context(), vmm.spec(t, "m-dead", "f"))
+	m, err := q.Create(t.Context(), vmm.Spec(t, "m-dead", "f"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -339,7 +250,7 @@ func TestPoweredOffMachine(t *testing.T) {
 	if err := syscall.Kill(rec.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "qemu to die", func() bool { return !running(rec.PID) })
+	providertest.WaitFor(t, "qemu to die", func() bool { return !running(rec.PID) })
 	ms, err := q.List(t.Context(), "f")
 	if err != nil || len(ms) != 1 || ms[0].ProviderID != m.ProviderID {
 		t.Fatalf("List after qemu died = %+v, %v; want the machine", ms, err)
@@ -364,7 +275,7 @@ func TestCreateErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vmm := newFakeVMM(t)
+	vmm := newVMM(t)
 	img, _ := image.ParseQEMURef(imageRef)
 	for name, mut := range map[string]func(*provider.Spec){
 		"bad id":             func(s *provider.Spec) { s.MachineID = "../x" },
@@ -378,7 +289,7 @@ func TestCreateErrors(t *testing.T) {
 		"VMM on IPv6 lo":     func(s *provider.Spec) { s.VMMURL = "http://[::1]:7700" },
 		"comma in image dir": func(s *provider.Spec) { s.Image = "qemu:/a,b" },
 	} {
-		sp := vmm.spec(t, "m-bad", "f")
+		sp := vmm.Spec(t, "m-bad", "f")
 		mut(&sp)
 		if _, err := q.Create(t.Context(), sp); err == nil {
 			t.Errorf("%s: Create succeeded", name)
@@ -396,7 +307,7 @@ func TestCreateErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	sp := vmm.spec(t, "m-one", "f")
+	sp := vmm.Spec(t, "m-one", "f")
 	sp.Command = []string{"/opt/game/echo"} // an executable of the image is fine
 	m, err := q.Create(t.Context(), sp)
 	if err != nil {
@@ -406,16 +317,16 @@ func TestCreateErrors(t *testing.T) {
 	if m.Address != "127.0.0.179" {
 		t.Errorf("machine on %s, want 127.0.0.179 (a port of .178 is taken)", m.Address)
 	}
-	if _, err := q.Create(t.Context(), vmm.spec(t, "m-one", "f")); err == nil {
+	if _, err := q.Create(t.Context(), vmm.Spec(t, "m-one", "f")); err == nil {
 		t.Error("Create of an existing machine id succeeded")
 	}
 	busy.Close()
-	if _, err := q.Create(t.Context(), vmm.spec(t, "m-two", "f")); err != nil {
+	if _, err := q.Create(t.Context(), vmm.Spec(t, "m-two", "f")); err != nil {
 		t.Fatalf("Create on the freed address: %v", err)
 	} else {
 		t.Cleanup(func() { _ = q.Delete(context.Background(), "m-two") })
 	}
-	if _, err := q.Create(t.Context(), vmm.spec(t, "m-three", "f")); !errors.Is(err, provider.ErrNoCapacity) {
+	if _, err := q.Create(t.Context(), vmm.Spec(t, "m-three", "f")); !errors.Is(err, provider.ErrNoCapacity) {
 		t.Errorf("Create past the last host: %v, want ErrNoCapacity", err)
 	}
 }
@@ -425,7 +336,7 @@ func TestCreateErrors(t *testing.T) {
 func TestAccelProbe(t *testing.T) {
 	needVMs(t)
 	dir := t.TempDir()
-	q, err := New(Config{Dir: dir, Logger: testLogger(t)})
+	q, err := New(Config{Dir: dir, Logger: providertest.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -435,7 +346,7 @@ func TestAccelProbe(t *testing.T) {
 	if err != nil || (a != "kvm" && a != "tcg") {
 		t.Fatalf("decideAccel = %q, %v", a, err)
 	}
-	q2, _ := New(Config{Dir: dir, Logger: testLogger(t)})
+	q2, _ := New(Config{Dir: dir, Logger: providertest.Logger(t)})
 	start := time.Now()
 	if b, err := q2.decideAccel(t.Context(), kernel); err != nil || b != a {
 		t.Errorf("second provider decided %q, %v; want %q", b, err, a)
@@ -497,83 +408,11 @@ func TestConfig(t *testing.T) {
 	}
 }
 
-// udpEcho sends msg to addr:port and returns the reply.
-func udpEcho(t *testing.T, addr string, port int, msg string) string {
-	t.Helper()
-	c, err := net.Dial("udp", net.JoinHostPort(addr, strconv.Itoa(port)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 2048)
-	for range 40 {
-		if _, err := c.Write([]byte(msg)); err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
-		if n, err := c.Read(buf); err == nil {
-			return string(buf[:n])
-		}
-	}
-	t.Fatalf("no UDP echo from %s:%d", addr, port)
-	return ""
-}
-
 // running reports whether pid runs (a zombie does not: the daemonized
 // qemu's reaper is whoever is PID 1 here).
 func running(pid int) bool {
 	state, _, err := procStat(pid)
 	return err == nil && state != 'Z' && state != 'X'
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-var client = &http.Client{Timeout: 2 * time.Second}
-
-// httpDo makes a request and decodes a 2xx JSON answer into out; an
-// LSPM still booting (no answer yet) is asked again.
-func httpDo(t *testing.T, method, url, token, body string, out any) (int, []byte) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		var rd io.Reader
-		if body != "" {
-			rd = strings.NewReader(body)
-		}
-		req, err := http.NewRequest(method, url, rd)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if body != "" {
-			req.Header.Set("Content-Type", "application/json")
-		}
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := client.Do(req)
-		if err != nil {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s %s: %v", method, url, err)
-			}
-			time.Sleep(100 * time.Millisecond)
-			continue
-		}
-		raw, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode/100 == 2 && out != nil {
-			if err := json.Unmarshal(raw, out); err != nil {
-				t.Fatalf("%s %s: %v in %s", method, url, err, raw)
-			}
-		}
-		return resp.StatusCode, raw
-	}
 }
 
 // TestKernelCache: the uncompressed kernel is made once per image kernel

@@ -127,8 +127,23 @@ func (tv *testVMM) req(t testing.TB, method, path, token string, body any) (int,
 // step advances the fake clock by d in ticks and lets the loop run them.
 func (tv *testVMM) step(d time.Duration) {
 	for moved := time.Duration(0); moved < d; moved += tv.cfg.TickInterval {
-		tv.clk.Advance(tv.cfg.TickInterval)
-		_ = tv.doWait(func(*state) {}) // the tick ran before this command
+		tv.advance(tv.cfg.TickInterval)
+	}
+}
+
+// advance moves the fake clock by d, a whole number of ticks, and waits
+// until the loop has ticked at the new time. A command sent after the
+// tick does not wait for it: when both are ready, the loop's select takes
+// either, and a tick still waiting when the clock moves again makes the
+// fake ticker drop the next one, so a test on a loaded machine saw one
+// look at the machines fewer than it counted on.
+func (tv *testVMM) advance(d time.Duration) {
+	tv.clk.Advance(d)
+	now := tv.clk.Now().UTC()
+	for ticked := false; !ticked; {
+		if err := tv.doWait(func(s *state) { ticked = !s.lastTick.Before(now) }); err != nil {
+			return // the VMM stopped
+		}
 	}
 }
 
@@ -206,8 +221,7 @@ func TestVMMStallDoesNotLoseMachines(t *testing.T) {
 	live := []api.Process{{ID: p.ID, State: api.StateReady}}
 	tv.step(time.Second) // the loop ticks as it does
 	tv.report(t, id, 2, live, nil)
-	tv.clk.Advance(5 * time.Second) // past LostAfter (3 s) in one tick: a stall
-	_ = tv.doWait(func(*state) {})
+	tv.advance(5 * time.Second) // past LostAfter (3 s) in one tick: a stall
 	if st := tv.machine(t, id).State; st != api.MachineReady {
 		t.Fatalf("after the VMM's own stall: %s", st)
 	}

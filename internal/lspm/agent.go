@@ -202,8 +202,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, ErrorLog: slog.NewLogLogger(a.log.Handler(), slog.LevelWarn)}
-	serveErr := make(chan error, 1)
-	a.goOwned(func(context.Context) { serveErr <- srv.Serve(a.ln) })
+	gw := startHTTPGateway(srv, []net.Listener{a.ln})
 	a.goOwned(a.sampleMemory)
 	a.goOwned(a.shims.fill)
 	a.goOwned(a.allow.prewarm)
@@ -223,19 +222,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	var err error
 	select {
 	case <-ctx.Done():
-	case err = <-serveErr:
+	case err = <-gw.failed:
 	}
 	if a.cfg.DrainOnExit {
-		a.drain()
+		a.drain() // the games' SDK calls are still answered meanwhile
 	}
-	shutCtx, c := context.WithTimeout(context.Background(), 2*time.Second)
-	defer c()
-	_ = srv.Shutdown(shutCtx)
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
+	// Followed logs end at once; other calls get apiStopWait to answer.
+	// No handler runs once Run returns.
+	gw.stop(apiStopWait)
 	return err
 }
+
+// apiStopWait is how long a stopping LSPM lets the API requests in flight
+// finish before it closes their connections.
+const apiStopWait = 2 * time.Second
 
 // table0Live counts live processes through the loop (for the start log).
 func (a *Agent) table0Live() []api.Process {

@@ -258,57 +258,6 @@ func (s *agonesServer) httpServer() *http.Server {
 // with its context: only a client that stalls mid-request waits it out.
 const agonesHTTPStopWait = time.Second
 
-// httpGateway runs an http.Server so that its stop waits for every handler:
-// http.Server.Close does not, and Shutdown waits only while no watch is
-// open and at most as long as its context. Nothing of the gateway runs once
-// stop has returned.
-type httpGateway struct {
-	srv     *http.Server
-	cancel  context.CancelFunc // ends the context of every request
-	serving sync.WaitGroup     // the Serve calls
-	conns   sync.WaitGroup     // the connections: each has a goroutine until it is closed
-}
-
-// startHTTPGateway serves srv on lns until stop. It sets srv's BaseContext
-// and ConnState.
-func startHTTPGateway(srv *http.Server, lns []net.Listener) *httpGateway {
-	ctx, cancel := context.WithCancel(context.Background())
-	g := &httpGateway{srv: srv, cancel: cancel}
-	srv.BaseContext = func(net.Listener) context.Context { return ctx }
-	srv.ConnState = func(_ net.Conn, st http.ConnState) {
-		switch st {
-		case http.StateNew: // in Serve, before it can return
-			g.conns.Add(1)
-		case http.StateClosed, http.StateHijacked: // the connection's goroutine ends
-			g.conns.Done()
-		}
-	}
-	for _, ln := range lns {
-		g.serving.Add(1)
-		go func() {
-			defer g.serving.Done()
-			_ = srv.Serve(ln)
-		}()
-	}
-	return g
-}
-
-// stop ends the requests' contexts, lets their handlers answer for at most
-// wait, closes every connection still open, and returns once every handler
-// and connection goroutine has.
-func (g *httpGateway) stop(wait time.Duration) {
-	g.cancel()
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
-	if err := g.srv.Shutdown(ctx); err != nil {
-		_ = g.srv.Close()
-	}
-	// Every Serve has returned, so no connection is counted any more
-	// (StateNew comes before Serve returns): conns.Wait is safe.
-	g.serving.Wait()
-	g.conns.Wait()
-}
-
 // ServeHTTP answers one REST request of the Agones SDK.
 func (s *agonesServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if v, ok := r.Context().Value(connVerdictKey{}).(*connVerdict); ok {

@@ -396,6 +396,11 @@ func (a *Agent) getLogs(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if follow {
+		// The client learns at once that the follow began, even while
+		// the game prints nothing.
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
 		ctx, cancel := context.WithCancel(r.Context())
 		defer cancel()
 		if a.runCtx != nil {

@@ -21,6 +21,7 @@ import (
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
 	"dedi.dev/dedi/internal/lspm"
+	"dedi.dev/dedi/internal/provider"
 )
 
 // runInit is "dedi init", PID 1 of a qemu image's VM (the kernel starts
@@ -184,33 +185,23 @@ const guestShimPoolIdle = 2 * time.Second
 // goes in its environment.
 func lspmArgs(cfg image.GuestConfig, m image.Manifest, verified []lspm.Verified) []string {
 	port := strconv.Itoa(cfg.LSPMPort)
-	args := []string{"lspm", "--listen", "0.0.0.0:" + port, "--data-dir", filepath.Join(image.GuestDataDir, "lspm"),
-		"--machine-id", cfg.MachineID, "--address", cfg.Address, "--sdk-url", "http://127.0.0.1:" + port,
-		"--port-range", fmt.Sprintf("%d-%d", cfg.PortMin, cfg.PortMax), "--drain",
+	extra := []string{"--sdk-url", "http://127.0.0.1:" + port,
 		// The VM may have a single, emulated CPU: a pooled shim starting
 		// beside the LSPM's start or the first game's would hold it up
 		// by the whole start of a dedi (0.2-0.4 s under TCG).
 		"--shim-pool-idle", guestShimPoolIdle.String()}
-	if cfg.VMMURL != "" {
-		args = append(args, "--vmm-url", cfg.VMMURL)
-	}
-	if cfg.MaxProcesses > 0 {
-		args = append(args, "--max-processes", strconv.Itoa(cfg.MaxProcesses))
-	}
-	if cfg.ReportInterval > 0 {
-		args = append(args, "--report-interval", cfg.ReportInterval.String())
-	}
-	for _, a := range append(m.Allow(), cfg.Allow...) {
-		args = append(args, "--allow", a)
-	}
 	for _, v := range verified {
-		args = append(args, "--verified", v.String())
+		extra = append(extra, "--verified", v.String())
 	}
 	cmd := cfg.Command
 	if len(cmd) == 0 {
 		cmd = m.Command
 	}
-	return append(append(args, "--"), cmd...)
+	return provider.LSPMFlags{Listen: "0.0.0.0:" + port, Address: cfg.Address,
+		DataDir: filepath.Join(image.GuestDataDir, "lspm"), MachineID: cfg.MachineID,
+		PortMin: cfg.PortMin, PortMax: cfg.PortMax, Allow: m.Allow(), Extra: extra, Command: cmd,
+		Spec: provider.Spec{VMMURL: cfg.VMMURL, MaxProcesses: cfg.MaxProcesses,
+			ReportInterval: cfg.ReportInterval, Allow: cfg.Allow}}.Args()
 }
 
 // verifiedAtBoot returns, when the host checked this boot's initramfs

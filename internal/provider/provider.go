@@ -6,6 +6,9 @@ package provider
 import (
 	"context"
 	"errors"
+	"fmt"
+	"slices"
+	"strconv"
 	"time"
 )
 
@@ -51,3 +54,47 @@ type Provider interface {
 // ErrNoCapacity is returned by Create when the provider cannot make
 // another machine now (addresses or ports used up, quota reached).
 var ErrNoCapacity = errors.New("provider: no capacity")
+
+// LSPMFlags is the command line a provider gives the LSPM of a machine.
+// The machine token is never on it: it goes in the LSPM's environment
+// (api.EnvMachineToken), where the games cannot read it.
+type LSPMFlags struct {
+	Listen           string // --listen
+	Address          string // --address, where game clients reach the machine ("" in a VM: the LSPM's default)
+	DataDir          string // --data-dir
+	MachineID        string // --machine-id
+	PortMin, PortMax int    // --port-range
+	Spec             Spec   // VMMURL, MaxProcesses, ReportInterval and Allow
+	Allow            []string
+	Extra            []string // more flags, as they are
+	Command          []string // the default game command ("": none)
+}
+
+// Args is "lspm" and its flags, then "--" and the default command when
+// there is one. Every machine's LSPM drains its games when it is stopped:
+// a machine is stopped only after the handshake, or to be deleted.
+func (f LSPMFlags) Args() []string {
+	args := []string{"lspm", "--listen", f.Listen}
+	if f.Address != "" {
+		args = append(args, "--address", f.Address)
+	}
+	args = append(args, "--data-dir", f.DataDir, "--machine-id", f.MachineID,
+		"--port-range", fmt.Sprintf("%d-%d", f.PortMin, f.PortMax), "--drain")
+	if f.Spec.VMMURL != "" {
+		args = append(args, "--vmm-url", f.Spec.VMMURL)
+	}
+	if f.Spec.MaxProcesses > 0 {
+		args = append(args, "--max-processes", strconv.Itoa(f.Spec.MaxProcesses))
+	}
+	if f.Spec.ReportInterval > 0 {
+		args = append(args, "--report-interval", f.Spec.ReportInterval.String())
+	}
+	for _, a := range slices.Concat(f.Allow, f.Spec.Allow) {
+		args = append(args, "--allow", a)
+	}
+	args = append(args, f.Extra...)
+	if len(f.Command) > 0 {
+		args = append(append(args, "--"), f.Command...)
+	}
+	return args
+}

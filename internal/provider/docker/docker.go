@@ -323,26 +323,13 @@ func (d *Docker) claim(ctx context.Context, spec provider.Spec, imageID string, 
 // whose environment holds the machine token is the LSPM, which makes
 // itself unreadable to the game servers (which run as the same user).
 func (d *Docker) containerConfig(spec provider.Spec, imageID string, m image.Manifest, mach provider.Machine, lo, hi int) (*container.Config, *container.HostConfig) {
-	args := []string{"lspm", "--listen", strings.TrimPrefix(mach.LSPMURL, "http://"), "--address", mach.Address,
-		"--data-dir", image.DockerDataDir, "--machine-id", spec.MachineID,
-		"--port-range", fmt.Sprintf("%d-%d", lo, hi), "--drain"}
-	if spec.VMMURL != "" {
-		args = append(args, "--vmm-url", spec.VMMURL)
-	}
-	if spec.MaxProcesses > 0 {
-		args = append(args, "--max-processes", strconv.Itoa(spec.MaxProcesses))
-	}
-	if spec.ReportInterval > 0 {
-		args = append(args, "--report-interval", spec.ReportInterval.String())
-	}
-	for _, a := range append(m.Allow(), spec.Allow...) {
-		args = append(args, "--allow", a)
-	}
 	cmd := spec.Command
 	if len(cmd) == 0 {
 		cmd = m.Command
 	}
-	args = append(append(args, "--"), cmd...)
+	args := provider.LSPMFlags{Listen: strings.TrimPrefix(mach.LSPMURL, "http://"), Address: mach.Address,
+		DataDir: image.DockerDataDir, MachineID: spec.MachineID, PortMin: lo, PortMax: hi,
+		Spec: spec, Allow: m.Allow(), Command: cmd}.Args()
 	stop := int(StopTimeout / time.Second)
 	noInit := false
 	cfg := &container.Config{

@@ -259,24 +259,8 @@ func (l *Local) Create(ctx context.Context, spec provider.Spec) (provider.Machin
 // start runs the LSPM in a session of its own, its output appended to
 // lspm.log and the token in its environment only.
 func (l *Local) start(dir, listen, addr string, lo, hi int, spec provider.Spec) (*exec.Cmd, error) {
-	args := []string{"lspm", "--listen", listen, "--address", addr,
-		"--data-dir", filepath.Join(dir, "lspm"), "--machine-id", spec.MachineID,
-		"--port-range", fmt.Sprintf("%d-%d", lo, hi), "--drain"}
-	if spec.VMMURL != "" {
-		args = append(args, "--vmm-url", spec.VMMURL)
-	}
-	if spec.MaxProcesses > 0 {
-		args = append(args, "--max-processes", strconv.Itoa(spec.MaxProcesses))
-	}
-	if spec.ReportInterval > 0 {
-		args = append(args, "--report-interval", spec.ReportInterval.String())
-	}
-	for _, a := range spec.Allow {
-		args = append(args, "--allow", a)
-	}
-	if len(spec.Command) > 0 {
-		args = append(append(args, "--"), spec.Command...)
-	}
+	args := provider.LSPMFlags{Listen: listen, Address: addr, DataDir: filepath.Join(dir, "lspm"),
+		MachineID: spec.MachineID, PortMin: lo, PortMax: hi, Spec: spec, Command: spec.Command}.Args()
 	logf, err := os.OpenFile(filepath.Join(dir, "lspm.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err

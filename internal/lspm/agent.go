@@ -202,7 +202,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, ErrorLog: slog.NewLogLogger(a.log.Handler(), slog.LevelWarn)}
-	gw := startHTTPGateway(srv, []net.Listener{a.ln})
+	gw := rest.Serve(srv, a.ln)
 	a.goOwned(a.sampleMemory)
 	a.goOwned(a.shims.fill)
 	a.goOwned(a.allow.prewarm)
@@ -222,14 +222,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	var err error
 	select {
 	case <-ctx.Done():
-	case err = <-gw.failed:
+	case err = <-gw.Failed():
 	}
 	if a.cfg.DrainOnExit {
 		a.drain() // the games' SDK calls are still answered meanwhile
 	}
 	// Followed logs end at once; other calls get apiStopWait to answer.
 	// No handler runs once Run returns.
-	gw.stop(apiStopWait)
+	gw.Stop(apiStopWait)
 	return err
 }
 

@@ -43,6 +43,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/agonespb"
+	"dedi.dev/dedi/internal/rest"
 )
 
 // Environment variables of an Agones-SDK process (Agones' own names).
@@ -747,7 +748,7 @@ func (a *Agent) serveAgones(p *proc, ls *agonesListeners, owner peerOwner) {
 			}
 		})
 	}
-	hg := startHTTPGateway(hs, ls.http)
+	hg := rest.Serve(hs, ls.http...)
 	done := p.done
 	a.goOwned(func(ctx context.Context) {
 		select {
@@ -755,6 +756,6 @@ func (a *Agent) serveAgones(p *proc, ls *agonesListeners, owner peerOwner) {
 		case <-ctx.Done():
 		}
 		gs.Stop()
-		hg.stop(agonesHTTPStopWait)
+		hg.Stop(agonesHTTPStopWait)
 	})
 }

@@ -1,4 +1,4 @@
-package lspm
+package rest
 
 import (
 	"context"
@@ -9,24 +9,25 @@ import (
 	"time"
 )
 
-// httpGateway runs an http.Server so that its stop waits for every handler:
+// Server runs an http.Server so that its Stop waits for every handler:
 // http.Server.Close does not, and Shutdown waits only while no long request
-// (a watch, a followed log) is open and at most as long as its context.
-// Nothing of the gateway runs once stop has returned. The LSPM's API and
-// each Agones game's REST SDK are served this way.
-type httpGateway struct {
+// (a watch, a followed log, an event stream) is open and at most as long as
+// its context. Nothing of the server runs once Stop has returned. The
+// LSPM's and the VMM's APIs and each Agones game's REST SDK are served
+// this way.
+type Server struct {
 	srv     *http.Server
 	cancel  context.CancelFunc // ends the context of every request
 	serving sync.WaitGroup     // the Serve calls
 	conns   sync.WaitGroup     // the connections: each has a goroutine until it is closed
-	failed  chan error         // a Serve that ended before stop, with its error
+	failed  chan error         // a Serve that ended before Stop, with its error
 }
 
-// startHTTPGateway serves srv on lns until stop. It sets srv's BaseContext
-// and ConnState.
-func startHTTPGateway(srv *http.Server, lns []net.Listener) *httpGateway {
+// Serve serves srv on lns until Stop. It sets srv's BaseContext and
+// ConnState.
+func Serve(srv *http.Server, lns ...net.Listener) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
-	g := &httpGateway{srv: srv, cancel: cancel, failed: make(chan error, len(lns))}
+	g := &Server{srv: srv, cancel: cancel, failed: make(chan error, len(lns))}
 	srv.BaseContext = func(net.Listener) context.Context { return ctx }
 	srv.ConnState = func(_ net.Conn, st http.ConnState) {
 		switch st {
@@ -48,10 +49,14 @@ func startHTTPGateway(srv *http.Server, lns []net.Listener) *httpGateway {
 	return g
 }
 
-// stop ends the requests' contexts, lets their handlers answer for at most
+// Failed yields the error of a Serve that ended before Stop (a listener
+// that broke).
+func (g *Server) Failed() <-chan error { return g.failed }
+
+// Stop ends the requests' contexts, lets their handlers answer for at most
 // wait, closes every connection still open, and returns once every handler
 // and connection goroutine has.
-func (g *httpGateway) stop(wait time.Duration) {
+func (g *Server) Stop(wait time.Duration) {
 	g.cancel()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()

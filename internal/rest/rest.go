@@ -227,7 +227,7 @@ func DecodeBytes(body []byte, v any, optional bool) error {
 	// body is valid JSON by now: one scan over its bytes, guided by v's
 	// type, checks every object key (no second decode).
 	sc := keyScanner{b: body}
-	if path := sc.value(reflect.TypeOf(v)); path != "" {
+	if path, bad := sc.value(reflect.TypeOf(v)); bad {
 		return Errorf(Invalid, "", "body: unknown field %q (field names are case-sensitive)", path)
 	}
 	return nil
@@ -291,15 +291,17 @@ func (s *keyScanner) str() string {
 	return out
 }
 
-// value checks the value at s.i against t and returns the path of the
-// first inexact key in it, or "".
-func (s *keyScanner) value(t reflect.Type) string {
+// value checks the value at s.i against t and reports the first inexact
+// key in it, with its path. The path alone cannot say so: "" is a key
+// too, and taking it for "all keys exact" once left the scan in the
+// middle of an object, where an array's loop spun on its '}' for ever.
+func (s *keyScanner) value(t reflect.Type) (path string, bad bool) {
 	for t != nil && t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	s.ws()
 	if s.i >= len(s.b) {
-		return ""
+		return "", false
 	}
 	switch s.b[s.i] {
 	case '{':
@@ -318,7 +320,7 @@ func (s *keyScanner) value(t reflect.Type) string {
 			s.ws()
 			if s.i >= len(s.b) || s.b[s.i] == '}' {
 				s.i++
-				return ""
+				return "", false
 			}
 			if s.b[s.i] == ',' {
 				s.i++
@@ -331,12 +333,12 @@ func (s *keyScanner) value(t reflect.Type) string {
 			if fields != nil {
 				ft, ok := fields[key]
 				if !ok {
-					return key
+					return key, true
 				}
 				sub = ft
 			}
-			if p := s.value(sub); p != "" {
-				return key + "." + p
+			if p, bad := s.value(sub); bad {
+				return key + "." + p, true
 			}
 		}
 	case '[':
@@ -349,15 +351,15 @@ func (s *keyScanner) value(t reflect.Type) string {
 			s.ws()
 			if s.i >= len(s.b) || s.b[s.i] == ']' {
 				s.i++
-				return ""
+				return "", false
 			}
 			if s.b[s.i] == ',' {
 				s.i++
 				n++
 				continue
 			}
-			if p := s.value(elem); p != "" {
-				return fmt.Sprintf("%d.%s", n, p)
+			if p, bad := s.value(elem); bad {
+				return fmt.Sprintf("%d.%s", n, p), true
 			}
 		}
 	case '"':
@@ -367,7 +369,7 @@ func (s *keyScanner) value(t reflect.Type) string {
 			s.i++
 		}
 	}
-	return ""
+	return "", false
 }
 
 // BearerToken returns the token of an Authorization: Bearer header, or "".

@@ -37,6 +37,7 @@ var decodeSeeds = []string{
 	`{"machineId": "m", "state": "partial", "seq": 18446744073709551615, "maxProcesses": 4, "processes": [{"id": "p", "machineId": "m", "state": "ready", "pid": 1, "command": ["x"], "params": {}, "labels": {}, "address": "127.0.0.1", "ports": {"game": 30001}, "players": 0, "health": {}, "createdAt": "2024-01-02T03:04:05.123456789Z", "readyAt": null, "lastHeartbeatAt": null, "endedAt": "2024-01-02T03:04:05+02:00", "exit": {"code": 139, "signal": "SIGSEGV", "reason": "crashed", "logTail": ["a"]}}], "hardware": {"cpuModel": "x", "cpus": 2, "memoryBytes": 1, "kernel": "k", "hostname": "h"}, "startedAt": "2024-01-02T03:04:05Z", "at": "0001-01-01T00:00:00Z"}`,
 	`{"startedAt": "9999-12-31T23:59:59.999999999-23:59"}`,
 	`{"at": "2024-02-30T00:00:00Z"}`,
+	`{"processes": [{"": ""}]}`,
 }
 
 // FuzzDecodeBytes: DecodeBytes never panics on any body, refuses with an

@@ -292,6 +292,7 @@ func FuzzStatusReport(f *testing.F) {
 		`{"seq": 1, "state": "partial", "processes": [{"state": "ready"}]}`,
 		`{"seq": 1, "state": "partial", "processes": [{"id": "p-4", "state": "crashed"}]}`,
 		`{"seq": 1, "processes": [{"ID": "p"}]}`,
+		`{"seq": 1, "state": "partial", "processes": [{"": ""}]}`, // hung rest.DecodeBytes, this test's reference decoder
 		`{"seq": -1}`,
 		`{"seq": 1} x`,
 		`null`,

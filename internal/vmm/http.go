@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -589,6 +590,9 @@ func (v *VMM) waitReady(ctx context.Context, p api.Process) (api.Process, error)
 		}
 		return got, rest.Errorf(rest.Conflict, "not_ready", "process %s ended %s before it was ready", p.ID, got.State)
 	case <-ctx.Done():
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) { // the VMM is stopping (or the client left)
+			return p, rest.Errorf(rest.Unavailable, "stopping", "the VMM is stopping; process %s keeps starting", p.ID)
+		}
 		return p, rest.Errorf(rest.Timeout, api.CodeTimeout, "process %s was not ready in time; it keeps starting", p.ID)
 	}
 }

@@ -86,6 +86,7 @@ type testVMM struct {
 	clk  *clock.Fake
 	prov *stubProvider
 	h    http.Handler
+	stop func() // stops Run and waits for it to return
 }
 
 const testAdmin = "admin-0123456789abcdef"
@@ -106,8 +107,9 @@ func newTestVMM(t testing.TB, tweaks ...func(*Config)) *testVMM {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { _ = v.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return &testVMM{VMM: v, clk: clk, prov: prov, h: v.Handler()}
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return &testVMM{VMM: v, clk: clk, prov: prov, h: v.Handler(), stop: stop}
 }
 
 func (tv *testVMM) req(t testing.TB, method, path, token string, body any) (int, []byte) {

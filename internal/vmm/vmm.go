@@ -187,8 +187,7 @@ func (v *VMM) Run(ctx context.Context) error {
 	}()
 	srv := &http.Server{Handler: v.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(v.log.Handler(), slog.LevelWarn)}
-	serveErr := make(chan error, 1)
-	v.goOwned(func(context.Context) { serveErr <- srv.Serve(v.ln) })
+	gw := rest.Serve(srv, v.ln)
 	// Reports are served from now on: lost detection counts from here, and
 	// the providers are reconciled in the background.
 	v.post(func(s *state) { s.lostFrom = s.now().Add(v.cfg.LostAfter) })
@@ -197,17 +196,18 @@ func (v *VMM) Run(ctx context.Context) error {
 	var err error
 	select {
 	case <-ctx.Done():
-	case err = <-serveErr:
+	case err = <-gw.Failed():
 	}
-	shutCtx, c := context.WithTimeout(context.Background(), 2*time.Second)
-	defer c()
-	v.events.close() // ends the event streams, so Shutdown does not wait for them
-	_ = srv.Shutdown(shutCtx)
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
+	// Event streams, waits for ready and followed logs end at once; other
+	// calls get apiStopWait to answer. No handler runs once Run returns.
+	v.events.close()
+	gw.Stop(apiStopWait)
 	return err
 }
+
+// apiStopWait is how long a stopping VMM lets the API requests in flight
+// finish before it closes their connections.
+const apiStopWait = 2 * time.Second
 
 // reconcile matches the stored machines with what the providers hold: a
 // machine the providers have that no record names (an earlier run died

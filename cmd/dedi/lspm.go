@@ -20,7 +20,7 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs.SetOutput(stderr)
 	var cfg lspm.Config
 	var allow, verified listFlag
-	var portRange, memLimit, logMax, logLevel string
+	var portRange, gameUIDs, memLimit, logMax, logLevel string
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:7701", "address of the REST API (port 0 picks one, written to DATA-DIR/lspm.addr)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for process records and logs (required)")
 	fs.StringVar(&cfg.MachineID, "machine-id", "", "this machine's ID (default: the host name)")
@@ -32,6 +32,7 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.ReportInterval, "report-interval", 0, "status report period (default 2s)")
 	fs.IntVar(&cfg.MaxProcesses, "max-processes", 4, "live processes this machine takes")
 	fs.StringVar(&portRange, "port-range", "30000-30999", "ports handed to processes, MIN-MAX")
+	fs.StringVar(&gameUIDs, "game-uids", "", "run each game server as a user and group of its own from MIN-MAX, e.g. 61000-61999, so that no game can signal or read another (needs root; default: the LSPM's user)")
 	fs.StringVar(&cfg.Address, "address", "", "address game clients use to reach this machine (default: the listen host)")
 	fs.StringVar(&cfg.SDKURL, "sdk-url", "", "LSPM URL given to processes (default: from --listen)")
 	fs.Var(&allow, "allow", "executable a spawn may name, PATH[=SHA256] (repeatable)")
@@ -83,6 +84,11 @@ func runLSPM(args []string, stderr io.Writer) error {
 	var err error
 	if cfg.PortMin, cfg.PortMax, err = lspm.ParsePortRange(portRange); err != nil {
 		return fmt.Errorf("--port-range: %w", err)
+	}
+	if gameUIDs != "" {
+		if cfg.GameUIDMin, cfg.GameUIDMax, err = lspm.ParseUIDRange(gameUIDs); err != nil {
+			return fmt.Errorf("--game-uids: %w", err)
+		}
 	}
 	if cfg.MemoryLimit, err = parseBytes(memLimit); err != nil {
 		return fmt.Errorf("--memory-limit: %w", err)

@@ -430,7 +430,8 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 	if err != nil {
 		return launched{}, err
 	}
-	return sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes, Record: plan.record})
+	return sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes,
+		Record: plan.record, UID: plan.uid})
 }
 
 func derefHealth(h *api.Health) api.Health {

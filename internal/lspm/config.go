@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -34,6 +35,12 @@ type Config struct {
 	MaxProcesses int
 	// PortMin and PortMax bound the ports handed to processes.
 	PortMin, PortMax int
+	// GameUIDMin and GameUIDMax, when set (--game-uids), give each live
+	// game server a user and group of its own from this range, so that it
+	// can neither signal, trace nor read another game's process (its
+	// environment holds that game's token). It needs an LSPM run as root.
+	// Zero: games run as the LSPM's user.
+	GameUIDMin, GameUIDMax int
 	// Address is the address game clients use to reach this machine's
 	// processes (the process object's "address"); default the listen host.
 	Address string
@@ -114,6 +121,21 @@ func ParsePortRange(s string) (int, int, error) {
 	return min, max, nil
 }
 
+// ParseUIDRange reads the --game-uids range MIN-MAX. Users below 1000
+// are the system's, and 65534 is nobody: neither is handed to a game.
+func ParseUIDRange(s string) (int, int, error) {
+	lo, hi, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("user range %q: want MIN-MAX", s)
+	}
+	min, err1 := strconv.Atoi(lo)
+	max, err2 := strconv.Atoi(hi)
+	if err1 != nil || err2 != nil || min < 1000 || max > 1<<31-2 || min > max || (min <= 65534 && 65534 <= max) {
+		return 0, 0, fmt.Errorf("user range %q: want 1000 <= MIN <= MAX < 2^31-1, not holding 65534 (nobody)", s)
+	}
+	return min, max, nil
+}
+
 // withDefaults returns c with zero fields set to their defaults.
 func (c Config) withDefaults() Config {
 	if c.Listen == "" {
@@ -177,6 +199,17 @@ func (c Config) Validate() error {
 	}
 	if c.PortMin < 1 || c.PortMax > 65535 || c.PortMin > c.PortMax {
 		return fmt.Errorf("port range %d-%d is not valid", c.PortMin, c.PortMax)
+	}
+	if c.GameUIDMin != 0 || c.GameUIDMax != 0 {
+		if _, _, err := ParseUIDRange(fmt.Sprintf("%d-%d", c.GameUIDMin, c.GameUIDMax)); err != nil {
+			return fmt.Errorf("--game-uids: %w", err)
+		}
+		if n := c.GameUIDMax - c.GameUIDMin + 1; n < c.MaxProcesses {
+			return fmt.Errorf("--game-uids %d-%d holds %d users, fewer than --max-processes %d", c.GameUIDMin, c.GameUIDMax, n, c.MaxProcesses)
+		}
+		if os.Geteuid() != 0 {
+			return errors.New("--game-uids needs the LSPM to run as root, to start each game as its own user")
+		}
 	}
 	if c.FailureThreshold < 1 || c.HealthPeriod <= 0 || c.StartTimeout <= 0 || c.Grace < 0 {
 		return errors.New("health period, failure threshold and start timeout must be positive")

@@ -48,6 +48,7 @@ type shimSpec struct {
 	Env         []string `json:"env"`
 	Dir         string   `json:"dir"`
 	LogMaxBytes int64    `json:"logMaxBytes"`
+	UID         int      `json:"uid,omitempty"` // the game's own user and group (--game-uids); 0: the shim's
 	// Record is the process's record; the shim adds the pids and writes it
 	// before it answers.
 	Record json.RawMessage `json:"record,omitempty"`
@@ -166,6 +167,10 @@ func RunShim() int {
 	cmd.Stdout = pw
 	cmd.Stderr = pw
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if spec.UID != 0 {
+		// No supplementary groups: the game is its user and nothing else.
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(spec.UID), Gid: uint32(spec.UID), Groups: []uint32{}}
+	}
 	if err := cmd.Start(); err != nil {
 		return fail(err)
 	}
@@ -206,6 +211,9 @@ func RunShim() int {
 	}
 	_ = syscall.Kill(-pid, syscall.SIGKILL)
 	_ = cmd.Wait()
+	if spec.UID != 0 {
+		killUser(spec.UID)
+	}
 	rec := exitRecord{PID: pid, At: time.Now().UTC()}
 	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 		rec.Signal = signalName(ws.Signal())
@@ -225,6 +233,54 @@ func RunShim() int {
 		return 1
 	}
 	return 0
+}
+
+// killUser kills every process that runs as uid: what a game left outside
+// its process group (a daemon in a session of its own) must not live on
+// into the next game that is given the user. It looks again until it finds
+// none, as one may have forked meanwhile.
+func killUser(uid int) {
+	for round := 0; round < 20; round++ {
+		ents, err := os.ReadDir("/proc")
+		if err != nil {
+			return
+		}
+		found := 0
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || !runsAs(pid, uid) {
+				continue
+			}
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			found++
+		}
+		if found == 0 {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	fmt.Fprintf(os.Stderr, "shim: processes of user %d still run\n", uid)
+}
+
+// runsAs tells whether any of the process's user ids (real, effective,
+// saved, file system) is uid. A zombie does not count: it runs nothing
+// and only waits for its parent to reap it.
+func runsAs(pid, uid int) bool {
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil || bytes.Contains(raw, []byte("\nState:\tZ")) {
+		return false
+	}
+	_, rest, ok := bytes.Cut(raw, []byte("\nUid:"))
+	if !ok {
+		return false
+	}
+	line, _, _ := bytes.Cut(rest, []byte("\n"))
+	for _, f := range bytes.Fields(line) {
+		if n, err := strconv.Atoi(string(f)); err == nil && n == uid {
+			return true
+		}
+	}
+	return false
 }
 
 // launched is what startShim learned about a new game server.

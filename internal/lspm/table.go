@@ -39,6 +39,7 @@ type table struct {
 	byToken   map[string]string // process token hash -> id
 	ports     map[int]string    // port -> id
 	nextPort  int
+	nextUID   int // where allocUID looks first, from --game-uids' start
 
 	shuttingDown bool
 	shutdownAt   *time.Time
@@ -78,6 +79,7 @@ type proc struct {
 	announcedAt *time.Time // the process called shutdown
 	reportedIn  uint64     // seq of the first report that carried its end
 	bootID      string     // the kernel boot it was started in
+	uid         int        // the game's own user and group (--game-uids), or 0
 	done        chan struct{}
 
 	agones *agonesState // with "sdk": "agones" (agones.go), else nil
@@ -95,6 +97,7 @@ type record struct {
 	AnnouncedAt *time.Time   `json:"announcedAt,omitempty"`
 	BootID      string       `json:"bootId,omitempty"` // the kernel boot the process ran in
 	Agones      *agonesState `json:"agones,omitempty"`
+	GameUID     int          `json:"gameUid,omitempty"` // the game's own user (--game-uids)
 }
 
 const recordFile = "record.json"
@@ -102,7 +105,7 @@ const recordFile = "record.json"
 func (p *proc) record() record {
 	return record{Process: p.view, TokenHash: p.tokenHash, ShimPID: p.shimPID, ShimStart: p.shimStart,
 		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt,
-		BootID: p.bootID, Agones: p.agones}
+		BootID: p.bootID, Agones: p.agones, GameUID: p.uid}
 }
 
 // persist queues the process record for the persister, which writes it off
@@ -155,7 +158,7 @@ func (t *table) load() ([]*proc, error) {
 		p := &proc{view: rec.Process, tokenHash: rec.TokenHash, dir: dir, shimPID: rec.ShimPID,
 			shimStart: rec.ShimStart, start: rec.Start, stopReason: rec.StopReason,
 			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, bootID: rec.BootID, done: make(chan struct{}),
-			agones: rec.Agones}
+			agones: rec.Agones, uid: rec.GameUID}
 		if p.agones != nil {
 			p.agones.watch = make(chan struct{})
 			p.agones.awaitPing = true // agones.go
@@ -233,6 +236,7 @@ type spawnPlan struct {
 	ports  map[string]int
 	record []byte       // the first record, for the shim to complete and write
 	agones *agonesState // a copy of the Agones SDK ports, or nil
+	uid    int          // the game's own user and group, or 0
 }
 
 // reserve admits a spawn: it is the single point where the handshake, the
@@ -279,6 +283,20 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		}
 		agones = newAgonesState(httpPort, grpcPort)
 	}
+	uid := 0
+	if t.a.cfg.GameUIDMin != 0 {
+		var ok bool
+		if uid, ok = t.allocUID(); !ok { // only if the range is smaller than --max-processes
+			for _, p := range ports {
+				delete(t.ports, p)
+			}
+			if agones != nil {
+				delete(t.ports, agones.HTTPPort)
+				delete(t.ports, agones.GRPCPort)
+			}
+			return spawnPlan{}, rest.Errorf(rest.Conflict, api.CodeFull, "no free game user left in %d-%d", t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax)
+		}
+	}
 	h := req.Health
 	if h == nil {
 		h = &api.Health{}
@@ -296,6 +314,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		bootID:    t.a.bootID,
 		done:      make(chan struct{}),
 		agones:    agones,
+		uid:       uid,
 	}
 	p.startClock = p.view.CreatedAt
 	if p.view.Params == nil {
@@ -317,11 +336,31 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 	t.live[id] = p
 	t.byToken[tokenHash] = id
 	t.changed()
-	plan := spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record())}
+	plan := spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record()), uid: uid}
 	if agones != nil {
 		plan.agones = &agonesState{HTTPPort: agones.HTTPPort, GRPCPort: agones.GRPCPort}
 	}
 	return plan, nil
+}
+
+// allocUID hands out the next user of --game-uids that no live process
+// holds, going round the range so that a user is taken again as late as
+// possible. A game's user is free again once its shim has exited, and the
+// shim kills whatever still ran as that user first.
+func (t *table) allocUID() (int, bool) {
+	lo, n := t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax-t.a.cfg.GameUIDMin+1
+	used := make(map[int]bool, len(t.live))
+	for _, p := range t.live {
+		used[p.uid] = true
+	}
+	for i := range n {
+		k := (t.nextUID + i) % n
+		if !used[lo+k] {
+			t.nextUID = (k + 1) % n
+			return lo + k, true
+		}
+	}
+	return 0, false
 }
 
 // allocPort hands out the next port of the range that no live process holds

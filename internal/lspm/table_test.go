@@ -226,3 +226,56 @@ func TestSeqRisesAcrossRestart(t *testing.T) {
 		t.Fatalf("seq %d after restart, last before %d", st.Seq, last)
 	}
 }
+
+// Each live process holds a user of --game-uids of its own; a freed user
+// is handed out again only after the rest of the range, and a record keeps
+// its process's user across an LSPM restart.
+func TestGameUIDsRotate(t *testing.T) {
+	tb, _ := newTestTable(t)
+	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 61000, 61002
+	p1, _ := spawnIn(t, tb, "p-1", nil)
+	p2, _ := spawnIn(t, tb, "p-2", nil)
+	if p1.uid != 61000 || p2.uid != 61001 {
+		t.Fatalf("users %d and %d, want 61000 and 61001", p1.uid, p2.uid)
+	}
+	var rec record
+	if err := jsonUnmarshal(mustJSON(p1.record()), &rec); err != nil || rec.GameUID != 61000 {
+		t.Fatalf("record's user %d (%v), want 61000", rec.GameUID, err)
+	}
+	delete(tb.live, "p-1") // as an end does
+	if uid, ok := tb.allocUID(); !ok || uid != 61002 {
+		t.Fatalf("next user %d %v, want 61002: a freed user waits its turn", uid, ok)
+	}
+	if uid, ok := tb.allocUID(); !ok || uid != 61000 {
+		t.Fatalf("then %d %v, want 61000", uid, ok)
+	}
+	tb.live["p-3"] = &proc{uid: 61000}
+	tb.live["p-4"] = &proc{uid: 61002}
+	if uid, ok := tb.allocUID(); ok {
+		t.Fatalf("a user %d handed out while all are held", uid)
+	}
+}
+
+func TestGameUIDsConfig(t *testing.T) {
+	for _, s := range []string{"61000", "999-2000", "61000-60000", "65000-66000", "x-y", "1000-2147483647"} {
+		if _, _, err := ParseUIDRange(s); err == nil {
+			t.Errorf("ParseUIDRange(%q) accepted", s)
+		}
+	}
+	if lo, hi, err := ParseUIDRange("61000-61999"); err != nil || lo != 61000 || hi != 61999 {
+		t.Fatalf("ParseUIDRange: %d %d %v", lo, hi, err)
+	}
+	cfg := Config{DataDir: "/d", MachineID: "m", Insecure: true, Listen: "127.0.0.1:0", MaxProcesses: 4,
+		GameUIDMin: 61000, GameUIDMax: 61002}.withDefaults()
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "fewer than --max-processes") {
+		t.Errorf("3 users for 4 processes: %v", err)
+	}
+	cfg.GameUIDMax = 61003
+	err := cfg.Validate()
+	if os.Geteuid() == 0 && err != nil {
+		t.Errorf("as root: %v", err)
+	}
+	if os.Geteuid() != 0 && (err == nil || !strings.Contains(err.Error(), "root")) {
+		t.Errorf("not root: %v", err)
+	}
+}

@@ -181,6 +181,11 @@ func upNetwork(cfg image.GuestConfig, log *slog.Logger) error {
 // and after each spawn, before it starts pooled shims.
 const guestShimPoolIdle = 2 * time.Second
 
+// guestGameUIDs are the users the guest's LSPM runs its games as, one
+// each (--game-uids): as many as a machine can hold processes
+// (processesPerMachine is at most 1000).
+const guestGameUIDs = "100000-100999"
+
 // lspmArgs is the LSPM's command line: everything but the token, which
 // goes in its environment.
 func lspmArgs(cfg image.GuestConfig, m image.Manifest, verified []lspm.Verified) []string {
@@ -189,7 +194,9 @@ func lspmArgs(cfg image.GuestConfig, m image.Manifest, verified []lspm.Verified)
 		// The VM may have a single, emulated CPU: a pooled shim starting
 		// beside the LSPM's start or the first game's would hold it up
 		// by the whole start of a dedi (0.2-0.4 s under TCG).
-		"--shim-pool-idle", guestShimPoolIdle.String()}
+		"--shim-pool-idle", guestShimPoolIdle.String(),
+		// The LSPM is root in the VM: no game may touch another.
+		"--game-uids", guestGameUIDs}
 	for _, v := range verified {
 		extra = append(extra, "--verified", v.String())
 	}

@@ -46,6 +46,9 @@ func TestLSPMArgs(t *testing.T) {
 	if i := slices.Index(args, "--shim-pool-idle"); i < 0 || i > dash || args[i+1] != "2s" {
 		t.Errorf("args %q: want --shim-pool-idle 2s", args)
 	}
+	if i := slices.Index(args, "--game-uids"); i < 0 || i > dash || args[i+1] != guestGameUIDs {
+		t.Errorf("args %q: want --game-uids %s", args, guestGameUIDs)
+	}
 	if got := args[dash+1:]; !slices.Equal(got, []string{exe}) {
 		t.Errorf("command %q, want the manifest's", got)
 	}

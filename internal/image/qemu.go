@@ -445,9 +445,11 @@ func writeInitramfs(ctx context.Context, dst string, o Options, m Manifest, img 
 	return f.Close()
 }
 
-// addTree adds the build dir under dst in lexical order, keeping each
-// file's permission bits. Symlinks are kept as links; other special files
-// are left out.
+// addTree adds the build dir under dst in lexical order. The build is
+// root's and the same for every game, whatever user the LSPM runs each one
+// as (--game-uids): directories 0755, files 0644, or 0755 when the build's
+// file has any execute bit; no game can change it. Symlinks are kept as
+// links; other special files are left out.
 func addTree(ctx context.Context, cp *CPIO, src, dst string, mkdirs func(string) error) error {
 	var entries []string
 	err := filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
@@ -479,7 +481,10 @@ func addTree(ctx context.Context, cp *CPIO, src, dst string, mkdirs func(string)
 		if err != nil {
 			return err
 		}
-		perm := uint32(st.Mode().Perm())
+		perm := uint32(0o644)
+		if st.IsDir() || st.Mode().Perm()&0o111 != 0 {
+			perm = 0o755
+		}
 		switch {
 		case st.IsDir():
 			err = cp.Dir(name, perm)

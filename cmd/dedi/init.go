@@ -72,6 +72,14 @@ func bootGuest(log *slog.Logger) (image.GuestConfig, error) {
 			return cfg, fmt.Errorf("mount %s: %w", m.dir, err)
 		}
 	}
+	// The games' scratch space: each runs as a user of its own and can
+	// write nowhere else (sticky, as /tmp is: none removes another's files).
+	if err := os.MkdirAll("/tmp", 0o755); err != nil {
+		return cfg, err
+	}
+	if err := os.Chmod("/tmp", 0o777|os.ModeSticky); err != nil {
+		return cfg, err
+	}
 	var img image.QEMUImage
 	if err := readJSON(image.GuestImageConfig, &img); err != nil {
 		return cfg, err

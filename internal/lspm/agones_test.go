@@ -31,6 +31,7 @@ import (
 	"dedi.dev/dedi/internal/agonespb"
 	"dedi.dev/dedi/internal/agonespb/alpha"
 	"dedi.dev/dedi/internal/clock"
+	"dedi.dev/dedi/internal/procstat"
 )
 
 // Unit tests of the Agones SDK run a real Agent (loop, REST and gRPC
@@ -51,7 +52,7 @@ type agonesEnv struct {
 // selfOwner names the test process as the game whose tree may connect.
 func selfOwner(t *testing.T) peerOwner {
 	t.Helper()
-	start, err := procStartTime(os.Getpid())
+	start, err := procstat.StartTime(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -821,7 +822,7 @@ func BenchmarkCheckPeer(b *testing.B) {
 	defer c.Close()
 	sc := <-accepted
 	defer sc.Close()
-	start, _ := procStartTime(os.Getpid())
+	start, _ := procstat.StartTime(os.Getpid())
 	_, sid, _ := groupOf(os.Getpid())
 	for _, bc := range []struct {
 		name  string
@@ -1021,7 +1022,7 @@ func TestCheckPeerSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gameStart, err := procStartTime(game)
+	gameStart, err := procstat.StartTime(game)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,6 +39,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"dedi.dev/dedi/internal/procstat"
 )
 
 // shimSpec is what the LSPM asks a shim to run, one JSON line on its stdin.
@@ -176,7 +178,7 @@ func RunShim() int {
 	}
 	pw.Close()
 	pid := cmd.Process.Pid
-	start, _ := procStartTime(pid)
+	start, _ := procstat.StartTime(pid)
 	// The process's first record is written here, before the reply:
 	// whatever happens to the LSPM from now on (the 201 may already be on
 	// its way), the next LSPM finds and adopts this game server.
@@ -185,7 +187,7 @@ func RunShim() int {
 		if json.Unmarshal(spec.Record, &rec) == nil {
 			rec.Process.PID, rec.Start = pid, start
 			rec.ShimPID = os.Getpid()
-			rec.ShimStart, _ = procStartTime(os.Getpid())
+			rec.ShimStart, _ = procstat.StartTime(os.Getpid())
 			if err := writeFileAtomic(filepath.Join(dir, recordFile), mustJSON(rec)); err != nil {
 				fmt.Fprintf(os.Stderr, "shim: write record: %v\n", err)
 			}
@@ -325,7 +327,7 @@ func newShim(shimPath string) (*shimProc, error) {
 		outR.Close()
 		return nil, fmt.Errorf("start shim: %w", err)
 	}
-	start, _ := procStartTime(cmd.Process.Pid)
+	start, _ := procstat.StartTime(cmd.Process.Pid)
 	return &shimProc{cmd: cmd, stdin: inW, stdout: outR, start: start}, nil
 }
 
@@ -486,7 +488,7 @@ func waitShim(ctx context.Context, pid int, start uint64) bool {
 	if err != nil {
 		return true // no such process
 	}
-	if s, err := procStartTime(pid); err != nil || s != start {
+	if s, err := procstat.StartTime(pid); err != nil || s != start {
 		unix.Close(fd)
 		return true // the pid was reused: our shim is long gone
 	}
@@ -511,34 +513,12 @@ func waitShim(ctx context.Context, pid int, start uint64) bool {
 	return true
 }
 
-// procStartTime reads a process's start time (clock ticks after boot) from
-// /proc, which tells a live pid from a reused one.
-func procStartTime(pid int) (uint64, error) {
-	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, err
-	}
-	s := string(raw)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, errors.New("bad stat")
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 20 {
-		return 0, errors.New("bad stat")
-	}
-	if f[0] == "Z" || f[0] == "X" {
-		return 0, errors.New("zombie")
-	}
-	return strconv.ParseUint(f[19], 10, 64)
-}
-
 // pidAlive reports whether pid is still the process that started at start.
 func pidAlive(pid int, start uint64) bool {
 	if pid <= 0 {
 		return false
 	}
-	s, err := procStartTime(pid)
+	s, err := procstat.StartTime(pid)
 	return err == nil && s == start
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/clock"
+	"dedi.dev/dedi/internal/procstat"
 	"dedi.dev/dedi/internal/rest"
 )
 
@@ -46,7 +47,7 @@ func sleeper(t *testing.T) launched {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	start, err := procStartTime(cmd.Process.Pid)
+	start, err := procstat.StartTime(cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
 	}

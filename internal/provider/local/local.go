@@ -33,6 +33,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/names"
+	"dedi.dev/dedi/internal/procstat"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/statedir"
 )
@@ -240,7 +241,7 @@ func (l *Local) Create(ctx context.Context, spec provider.Spec) (provider.Machin
 		return provider.Machine{}, fmt.Errorf("create %s: start lspm: %w", spec.MachineID, err)
 	}
 	rec.PID = cmd.Process.Pid
-	_, rec.PIDStart, err = procStat(rec.PID) // our unreaped child: the pid is still its
+	_, rec.PIDStart, err = procstat.Stat(rec.PID) // our unreaped child: the pid is still its
 	if err == nil {
 		err = writeRecord(dir, rec)
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/procstat"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/providertest"
 )
@@ -100,7 +101,7 @@ func TestDeleteLeavesNoProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	for what, pid := range map[string]int{"LSPM": rec.PID, "game server": game.PID} {
-		if _, err := startTime(pid); err == nil {
+		if _, err := procstat.StartTime(pid); err == nil {
 			t.Errorf("%s (pid %d) still runs after Delete", what, pid)
 		}
 	}
@@ -126,8 +127,8 @@ func TestDeleteAfterLSPMDied(t *testing.T) {
 	if err := syscall.Kill(rec.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	providertest.WaitFor(t, "the LSPM to die", func() bool { _, err := startTime(rec.PID); return err != nil })
-	if _, err := startTime(game.PID); err != nil {
+	providertest.WaitFor(t, "the LSPM to die", func() bool { _, err := procstat.StartTime(rec.PID); return err != nil })
+	if _, err := procstat.StartTime(game.PID); err != nil {
 		t.Fatalf("game server gone with its LSPM: %v", err)
 	}
 	ms, err := l.List(t.Context(), "f")
@@ -137,7 +138,7 @@ func TestDeleteAfterLSPMDied(t *testing.T) {
 	if err := l.Delete(t.Context(), m.ProviderID); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := startTime(game.PID); err == nil {
+	if _, err := procstat.StartTime(game.PID); err == nil {
 		t.Errorf("game server (pid %d) still runs after Delete", game.PID)
 	}
 }
@@ -174,7 +175,7 @@ func TestCloseLeavesMachinesRunning(t *testing.T) {
 	// The LSPM was this process's child, no longer watched: Delete
 	// collected it, no zombie is left.
 	if _, err := os.Stat("/proc/" + strconv.Itoa(rec.PID)); err == nil {
-		if _, s, _ := procStat(rec.PID); s == rec.PIDStart {
+		if _, s, _ := procstat.Stat(rec.PID); s == rec.PIDStart {
 			t.Errorf("LSPM (pid %d) left as a zombie", rec.PID)
 		}
 	}

@@ -4,45 +4,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/procstat"
 )
-
-// procStat reads a process's state and start time (clock ticks after boot,
-// field 22 of /proc/<pid>/stat), which tells a pid from a reused one.
-func procStat(pid int) (state byte, start uint64, err error) {
-	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	i := bytes.LastIndexByte(raw, ')')
-	if i < 0 {
-		return 0, 0, errors.New("bad /proc stat")
-	}
-	f := strings.Fields(string(raw[i+1:]))
-	if len(f) < 20 || len(f[0]) != 1 {
-		return 0, 0, errors.New("bad /proc stat")
-	}
-	start, err = strconv.ParseUint(f[19], 10, 64)
-	return f[0][0], start, err
-}
-
-// startTime is the start time of a process that has not exited.
-func startTime(pid int) (uint64, error) {
-	state, start, err := procStat(pid)
-	if err == nil && (state == 'Z' || state == 'X') {
-		err = errors.New("exited")
-	}
-	return start, err
-}
 
 // proc is a process held by a pidfd, so that neither a signal nor a wait
 // can reach another process that reused its pid.
@@ -59,7 +30,7 @@ func openProc(pid int, start uint64) (proc, bool) {
 	}
 	// Checked after the open: if the pid was reused before it, the start
 	// time differs now.
-	if s, err := startTime(pid); err != nil || s != start {
+	if s, err := procstat.StartTime(pid); err != nil || s != start {
 		unix.Close(fd)
 		return proc{}, false
 	}
@@ -91,7 +62,7 @@ func reapChild(pid int, start uint64) {
 	if pid <= 0 {
 		return
 	}
-	if state, s, err := procStat(pid); err == nil && state == 'Z' && s == start {
+	if state, s, err := procstat.Stat(pid); err == nil && state == 'Z' && s == start {
 		var ws unix.WaitStatus
 		_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 	}
@@ -140,7 +111,7 @@ func killGames(dataDir, machineID, lspmURL string) int {
 	}
 	if lspmURL != "" {
 		for _, pid := range pidsWithEnv(api.EnvMachineID+"="+machineID, api.EnvSDKURL+"="+lspmURL) {
-			if _, start, err := procStat(pid); err == nil {
+			if _, start, err := procstat.Stat(pid); err == nil {
 				pgid, _ := unix.Getpgid(pid)
 				kill(pid, start, pgid == pid)
 			}

@@ -5,30 +5,12 @@ import (
 	"errors"
 	"os"
 	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// procStat reads a process's state and start time (clock ticks after boot,
-// field 22 of /proc/<pid>/stat), which tells a pid from a reused one.
-func procStat(pid int) (state byte, start uint64, err error) {
-	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	i := bytes.LastIndexByte(raw, ')')
-	if i < 0 {
-		return 0, 0, errors.New("bad /proc stat")
-	}
-	f := strings.Fields(string(raw[i+1:]))
-	if len(f) < 20 || len(f[0]) != 1 {
-		return 0, 0, errors.New("bad /proc stat")
-	}
-	start, err = strconv.ParseUint(f[19], 10, 64)
-	return f[0][0], start, err
-}
+	"dedi.dev/dedi/internal/procstat"
+)
 
 // cmdlineHas reports whether pid's command line has arg as one argument.
 func cmdlineHas(pid int, arg string) bool {
@@ -60,7 +42,7 @@ func openProc(pid int, start uint64, pidfile string) (proc, bool) {
 	}
 	// Checked after the open: if the pid was reused before it, the start
 	// time or the command line differs now.
-	state, s, err := procStat(pid)
+	state, s, err := procstat.Stat(pid)
 	if err != nil || state == 'Z' || state == 'X' || (start != 0 && s != start) || !cmdlineHas(pid, pidfile) {
 		unix.Close(fd)
 		return proc{}, false

@@ -62,6 +62,7 @@ import (
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
 	"dedi.dev/dedi/internal/names"
+	"dedi.dev/dedi/internal/procstat"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/statedir"
 )
@@ -358,7 +359,7 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 		_ = os.Remove(filepath.Join(dir, initrdFile)) // qemu read it into the guest's memory
 		pid, err := readPidfile(dir)
 		if err == nil {
-			_, rec.PIDStart, err = procStat(pid)
+			_, rec.PIDStart, err = procstat.Stat(pid)
 			rec.PID = pid
 		}
 		if err == nil {

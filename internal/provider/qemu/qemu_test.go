@@ -19,6 +19,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/internal/image"
+	"dedi.dev/dedi/internal/procstat"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/providertest"
 )
@@ -411,7 +412,7 @@ func TestConfig(t *testing.T) {
 // running reports whether pid runs (a zombie does not: the daemonized
 // qemu's reaper is whoever is PID 1 here).
 func running(pid int) bool {
-	state, _, err := procStat(pid)
+	state, _, err := procstat.Stat(pid)
 	return err == nil && state != 'Z' && state != 'X'
 }
 

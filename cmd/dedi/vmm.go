@@ -88,7 +88,8 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 			f.lastIP = f.qemu.FirstHost - 1
 		}
 	}
-	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"), FirstHost: f.firstIP, LastHost: f.lastIP, PortBase: f.portBase,
+	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"),
+		Hosts:  provider.Hosts{FirstHost: f.firstIP, LastHost: f.lastIP, PortBase: f.portBase},
 		Logger: log.With("provider", "local")})
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("local provider: %w", err)

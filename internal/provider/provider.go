@@ -98,3 +98,56 @@ func (f LSPMFlags) Args() []string {
 	}
 	return args
 }
+
+// Hosts places a provider's machines on this host's loopback addresses
+// 127.0.0.N, FirstHost <= N <= LastHost: each machine's LSPM listens on
+// LSPMPort at its own address, and the machine on 127.0.0.N gets
+// PortsPerMachine game ports from PortBase+(N-FirstHost)*PortsPerMachine,
+// so no two machines' ranges overlap even where game servers bind 0.0.0.0.
+// Zero fields take the defaults: 10, 250, 7701, 30000 and 100.
+type Hosts struct {
+	FirstHost, LastHost       int
+	LSPMPort                  int
+	PortBase, PortsPerMachine int
+}
+
+// WithDefaults returns h with zero fields set to their defaults.
+func (h Hosts) WithDefaults() Hosts {
+	for _, f := range []struct {
+		v   *int
+		def int
+	}{{&h.FirstHost, 10}, {&h.LastHost, 250}, {&h.LSPMPort, 7701}, {&h.PortBase, 30000}, {&h.PortsPerMachine, 100}} {
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	return h
+}
+
+// Validate reports a layout that cannot work; 127.0.0.N starts at
+// minHost (127.0.0.1 may be the host's own services' address).
+func (h Hosts) Validate(minHost int) error {
+	switch {
+	case h.FirstHost < minHost || h.LastHost > 254 || h.FirstHost > h.LastHost:
+		return fmt.Errorf("hosts %d-%d: want %d <= FirstHost <= LastHost <= 254", h.FirstHost, h.LastHost, minHost)
+	case h.LSPMPort < 1 || h.LSPMPort > 65535:
+		return fmt.Errorf("LSPMPort %d out of range", h.LSPMPort)
+	case h.PortBase < 1 || h.PortsPerMachine < 1:
+		return fmt.Errorf("PortBase %d and PortsPerMachine %d must be positive", h.PortBase, h.PortsPerMachine)
+	}
+	lo, _ := h.Ports(h.FirstHost)
+	_, hi := h.Ports(h.LastHost)
+	if hi > 65535 {
+		return fmt.Errorf("game ports %d-%d go past 65535", lo, hi)
+	}
+	if h.LSPMPort >= lo && h.LSPMPort <= hi {
+		return fmt.Errorf("LSPMPort %d is inside the game ports %d-%d", h.LSPMPort, lo, hi)
+	}
+	return nil
+}
+
+// Ports returns the game port range of the machine on 127.0.0.n.
+func (h Hosts) Ports(n int) (lo, hi int) {
+	lo = h.PortBase + (n-h.FirstHost)*h.PortsPerMachine
+	return lo, lo + h.PortsPerMachine - 1
+}

@@ -37,3 +37,27 @@ func TestLSPMFlagsArgs(t *testing.T) {
 		t.Errorf("bare args\n got %q\nwant %q", got, want)
 	}
 }
+
+func TestHosts(t *testing.T) {
+	h := Hosts{}.WithDefaults()
+	if h != (Hosts{FirstHost: 10, LastHost: 250, LSPMPort: 7701, PortBase: 30000, PortsPerMachine: 100}) {
+		t.Fatalf("defaults %+v", h)
+	}
+	if err := h.Validate(1); err != nil {
+		t.Fatal(err)
+	}
+	if lo, hi := h.Ports(11); lo != 30100 || hi != 30199 {
+		t.Fatalf("ports of 127.0.0.11: %d-%d", lo, hi)
+	}
+	for name, bad := range map[string]Hosts{
+		"below min":    {FirstHost: 1, LastHost: 5},
+		"past 254":     {FirstHost: 10, LastHost: 255},
+		"reversed":     {FirstHost: 20, LastHost: 10},
+		"past 65535":   {FirstHost: 10, LastHost: 250, PortBase: 60000},
+		"lspm in them": {FirstHost: 10, LastHost: 250, LSPMPort: 30050},
+	} {
+		if err := bad.WithDefaults().Validate(2); err == nil {
+			t.Errorf("%s: %+v accepted", name, bad)
+		}
+	}
+}

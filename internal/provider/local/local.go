@@ -47,37 +47,15 @@ type Config struct {
 	// Binary is the dedi binary run as "Binary lspm ..."; default the
 	// running executable.
 	Binary string
-	// FirstHost and LastHost bound N of the machines' addresses 127.0.0.N
-	// (default 10 and 250).
-	FirstHost, LastHost int
-	// LSPMPort is the port every machine's LSPM listens on at its own
-	// address (default 7701).
-	LSPMPort int
-	// PortBase and PortsPerMachine place the game port ranges: the machine
-	// on 127.0.0.N gets PortsPerMachine ports from
-	// PortBase+(N-FirstHost)*PortsPerMachine (defaults 30000 and 100). Game
-	// servers bind 0.0.0.0, so ranges never overlap.
-	PortBase, PortsPerMachine int
+	// Hosts places the machines on 127.0.0.N, each with its LSPM on
+	// LSPMPort and its own game ports (provider.Hosts; its defaults).
+	provider.Hosts
 	// Logger receives the provider's logs (default: discarded).
 	Logger *slog.Logger
 }
 
 func (c Config) withDefaults() Config {
-	if c.FirstHost == 0 {
-		c.FirstHost = 10
-	}
-	if c.LastHost == 0 {
-		c.LastHost = 250
-	}
-	if c.LSPMPort == 0 {
-		c.LSPMPort = 7701
-	}
-	if c.PortBase == 0 {
-		c.PortBase = 30000
-	}
-	if c.PortsPerMachine == 0 {
-		c.PortsPerMachine = 100
-	}
+	c.Hosts = c.Hosts.WithDefaults()
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -89,28 +67,11 @@ func (c Config) Validate() error {
 	switch {
 	case c.Dir == "":
 		return errors.New("local provider: Dir is required")
-	case c.FirstHost < 1 || c.LastHost > 254 || c.FirstHost > c.LastHost:
-		return fmt.Errorf("local provider: hosts %d-%d: want 1 <= FirstHost <= LastHost <= 254", c.FirstHost, c.LastHost)
-	case c.LSPMPort < 1 || c.LSPMPort > 65535:
-		return fmt.Errorf("local provider: LSPMPort %d out of range", c.LSPMPort)
-	case c.PortBase < 1 || c.PortsPerMachine < 1:
-		return fmt.Errorf("local provider: PortBase %d and PortsPerMachine %d must be positive", c.PortBase, c.PortsPerMachine)
 	}
-	lo, _ := c.ports(c.FirstHost)
-	_, hi := c.ports(c.LastHost)
-	if hi > 65535 {
-		return fmt.Errorf("local provider: game ports %d-%d go past 65535", lo, hi)
-	}
-	if c.LSPMPort >= lo && c.LSPMPort <= hi {
-		return fmt.Errorf("local provider: LSPMPort %d is inside the game ports %d-%d", c.LSPMPort, lo, hi)
+	if err := c.Hosts.Validate(1); err != nil {
+		return fmt.Errorf("local provider: %w", err)
 	}
 	return nil
-}
-
-// ports returns the game port range of the machine on 127.0.0.n.
-func (c Config) ports(n int) (lo, hi int) {
-	lo = c.PortBase + (n-c.FirstHost)*c.PortsPerMachine
-	return lo, lo + c.PortsPerMachine - 1
 }
 
 // Local creates machines as `dedi lspm` processes. Its methods are safe
@@ -228,7 +189,7 @@ func (l *Local) Create(ctx context.Context, spec provider.Spec) (provider.Machin
 	}
 	addr := "127.0.0." + strconv.Itoa(n)
 	listen := net.JoinHostPort(addr, strconv.Itoa(l.cfg.LSPMPort))
-	lo, hi := l.cfg.ports(n)
+	lo, hi := l.cfg.Ports(n)
 	rec := machineRecord{MachineID: spec.MachineID, Fleet: spec.Fleet, Address: addr, Host: n,
 		PortMin: lo, PortMax: hi, LSPMURL: "http://" + listen, CreatedAt: time.Now().UTC().Round(0)}
 	if err := writeRecord(dir, rec); err != nil {

@@ -41,8 +41,8 @@ func TestMain(m *testing.M) {
 // testConfig keeps clear of the defaults (and of dedi up) so that tests
 // run beside a real dedi.
 func testConfig(t *testing.T, dir string) Config {
-	return Config{Dir: dir, Binary: dediBin, FirstHost: 200, LastHost: 250, LSPMPort: 7701,
-		PortBase: 45000, PortsPerMachine: 100, Logger: providertest.Logger(t)}
+	return Config{Dir: dir, Binary: dediBin, Hosts: provider.Hosts{FirstHost: 200, LastHost: 250, LSPMPort: 7701,
+		PortBase: 45000, PortsPerMachine: 100}, Logger: providertest.Logger(t)}
 }
 
 // newLocal opens a Local on dir, closed when t ends.
@@ -223,16 +223,16 @@ func TestConfig(t *testing.T) {
 		t.Fatalf("defaults: %v", err)
 	}
 	for n, want := range map[int][2]int{10: {30000, 30099}, 11: {30100, 30199}, 250: {54000, 54099}} {
-		if lo, hi := c.ports(n); lo != want[0] || hi != want[1] {
+		if lo, hi := c.Ports(n); lo != want[0] || hi != want[1] {
 			t.Errorf("ports(%d) = %d-%d, want %d-%d", n, lo, hi, want[0], want[1])
 		}
 	}
 	for name, bad := range map[string]Config{
 		"no dir":         {},
-		"hosts":          {Dir: "x", FirstHost: 20, LastHost: 10},
-		"host 255":       {Dir: "x", LastHost: 255},
-		"ports past 64K": {Dir: "x", PortBase: 60000},
-		"lspm in range":  {Dir: "x", LSPMPort: 30050},
+		"hosts":          {Dir: "x", Hosts: provider.Hosts{FirstHost: 20, LastHost: 10}},
+		"host 255":       {Dir: "x", Hosts: provider.Hosts{LastHost: 255}},
+		"ports past 64K": {Dir: "x", Hosts: provider.Hosts{PortBase: 60000}},
+		"lspm in range":  {Dir: "x", Hosts: provider.Hosts{LSPMPort: 30050}},
 	} {
 		if err := bad.withDefaults().Validate(); err == nil {
 			t.Errorf("%s: Validate accepted %+v", name, bad)

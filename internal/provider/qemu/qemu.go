@@ -91,17 +91,11 @@ type Config struct {
 	Accel string
 	// MemoryMiB and CPUs size each VM (defaults 256 and 1).
 	MemoryMiB, CPUs int
-	// FirstHost and LastHost bound N of the machines' addresses 127.0.0.N
-	// (default 10 and 250).
-	FirstHost, LastHost int
-	// LSPMPort is the port of every machine's LSPM, in the guest and on
-	// its host address (default 7701).
-	LSPMPort int
-	// PortBase and PortsPerMachine place the game port ranges as the local
-	// provider does: 127.0.0.N gets PortsPerMachine ports from
-	// PortBase+(N-FirstHost)*PortsPerMachine (defaults 30000 and 100).
-	// Each port is two qemu forwards (TCP and UDP).
-	PortBase, PortsPerMachine int
+	// Hosts places the machines on 127.0.0.N (N from 2), each with its
+	// LSPM's port forwarded on LSPMPort and its game ports as the local
+	// provider does (provider.Hosts; its defaults). Each game port is two
+	// qemu forwards (TCP and UDP).
+	provider.Hosts
 	// Logger receives the provider's logs (default: discarded).
 	Logger *slog.Logger
 }
@@ -119,21 +113,7 @@ func (c Config) withDefaults() Config {
 	if c.CPUs == 0 {
 		c.CPUs = 1
 	}
-	if c.FirstHost == 0 {
-		c.FirstHost = 10
-	}
-	if c.LastHost == 0 {
-		c.LastHost = 250
-	}
-	if c.LSPMPort == 0 {
-		c.LSPMPort = 7701
-	}
-	if c.PortBase == 0 {
-		c.PortBase = 30000
-	}
-	if c.PortsPerMachine == 0 {
-		c.PortsPerMachine = 100
-	}
+	c.Hosts = c.Hosts.WithDefaults()
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -153,28 +133,11 @@ func (c Config) Validate() error {
 		return fmt.Errorf("qemu provider: %d MiB of memory is too little to boot", c.MemoryMiB)
 	case c.CPUs < 1:
 		return fmt.Errorf("qemu provider: %d CPUs", c.CPUs)
-	case c.FirstHost < 2 || c.LastHost > 254 || c.FirstHost > c.LastHost:
-		return fmt.Errorf("qemu provider: hosts %d-%d: want 2 <= FirstHost <= LastHost <= 254", c.FirstHost, c.LastHost)
-	case c.LSPMPort < 1 || c.LSPMPort > 65535:
-		return fmt.Errorf("qemu provider: LSPMPort %d out of range", c.LSPMPort)
-	case c.PortBase < 1 || c.PortsPerMachine < 1:
-		return fmt.Errorf("qemu provider: PortBase %d and PortsPerMachine %d must be positive", c.PortBase, c.PortsPerMachine)
 	}
-	lo, _ := c.ports(c.FirstHost)
-	_, hi := c.ports(c.LastHost)
-	if hi > 65535 {
-		return fmt.Errorf("qemu provider: game ports %d-%d go past 65535", lo, hi)
-	}
-	if c.LSPMPort >= lo && c.LSPMPort <= hi {
-		return fmt.Errorf("qemu provider: LSPMPort %d is inside the game ports %d-%d", c.LSPMPort, lo, hi)
+	if err := c.Hosts.Validate(2); err != nil {
+		return fmt.Errorf("qemu provider: %w", err)
 	}
 	return nil
-}
-
-// ports returns the game port range of the machine on 127.0.0.n.
-func (c Config) ports(n int) (lo, hi int) {
-	lo = c.PortBase + (n-c.FirstHost)*c.PortsPerMachine
-	return lo, lo + c.PortsPerMachine - 1
 }
 
 // QEMU creates machines as qemu VMs. Its methods are safe for concurrent
@@ -327,7 +290,7 @@ func (q *QEMU) boot(ctx context.Context, dir, imgDir, accel, vmmURL string, spec
 			return machineRecord{}, err
 		}
 		addr := "127.0.0." + strconv.Itoa(n)
-		lo, hi := q.cfg.ports(n)
+		lo, hi := q.cfg.Ports(n)
 		rec := machineRecord{MachineID: spec.MachineID, Fleet: spec.Fleet, Address: addr, Host: n,
 			PortMin: lo, PortMax: hi, LSPMURL: "http://" + net.JoinHostPort(addr, strconv.Itoa(q.cfg.LSPMPort)),
 			Image: spec.Image, Accel: accel, CreatedAt: time.Now().UTC().Round(0)}

@@ -83,8 +83,8 @@ func needVMs(t *testing.T) {
 }
 
 func testConfig(t *testing.T, dir string) Config {
-	return Config{Dir: dir, Accel: "tcg", MemoryMiB: 256, FirstHost: 170, LastHost: 179, LSPMPort: 7701,
-		PortBase: 42000, PortsPerMachine: 10, Logger: providertest.Logger(t)}
+	return Config{Dir: dir, Accel: "tcg", MemoryMiB: 256, Hosts: provider.Hosts{FirstHost: 170, LastHost: 179, LSPMPort: 7701,
+		PortBase: 42000, PortsPerMachine: 10}, Logger: providertest.Logger(t)}
 }
 
 func newQEMU(t *testing.T, dir string) *QEMU {
@@ -302,7 +302,7 @@ func TestCreateErrors(t *testing.T) {
 
 	// Someone holds a game port of 127.0.0.178: its forward cannot be
 	// bound, and the machine goes to 127.0.0.179.
-	lo, _ := cfg.withDefaults().ports(178)
+	lo, _ := cfg.withDefaults().Ports(178)
 	busy, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.178", strconv.Itoa(lo+3)))
 	if err != nil {
 		t.Fatal(err)
@@ -389,7 +389,7 @@ func TestConfig(t *testing.T) {
 	}
 	// The local provider's plan: N picks the same ports in both.
 	for n, want := range map[int][2]int{10: {30000, 30099}, 250: {54000, 54099}} {
-		if lo, hi := c.ports(n); lo != want[0] || hi != want[1] {
+		if lo, hi := c.Ports(n); lo != want[0] || hi != want[1] {
 			t.Errorf("ports(%d) = %d-%d, want %d-%d", n, lo, hi, want[0], want[1])
 		}
 	}
@@ -398,10 +398,10 @@ func TestConfig(t *testing.T) {
 		"comma":          {Dir: "a,b"},
 		"accel":          {Dir: "x", Accel: "hvf"},
 		"memory":         {Dir: "x", MemoryMiB: 16},
-		"hosts":          {Dir: "x", FirstHost: 20, LastHost: 10},
-		"host 1":         {Dir: "x", FirstHost: 1},
-		"ports past 64K": {Dir: "x", PortBase: 60000},
-		"lspm in range":  {Dir: "x", LSPMPort: 30050},
+		"hosts":          {Dir: "x", Hosts: provider.Hosts{FirstHost: 20, LastHost: 10}},
+		"host 1":         {Dir: "x", Hosts: provider.Hosts{FirstHost: 1}},
+		"ports past 64K": {Dir: "x", Hosts: provider.Hosts{PortBase: 60000}},
+		"lspm in range":  {Dir: "x", Hosts: provider.Hosts{LSPMPort: 30050}},
 	} {
 		if err := bad.withDefaults().Validate(); err == nil {
 			t.Errorf("%s: Validate accepted %+v", name, bad)

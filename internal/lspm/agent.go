@@ -359,7 +359,14 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 			agones.close()
 		}
 		_ = os.RemoveAll(plan.dir)
-		a.post(func(t *table) { t.abort(id) })
+		// The shim may have started the game before it failed.
+		clean := plan.uid == 0 || len(sweepUsers(plan.uid)) == 0
+		a.post(func(t *table) {
+			if !clean {
+				t.markDirtyUID(plan.uid)
+			}
+			t.abort(id)
+		})
 		return api.Process{}, rest.Errorf(rest.Internal, "spawn_failed", "start %s: %v", argv[0], err)
 	}
 	var view api.Process
@@ -430,8 +437,10 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 	if err != nil {
 		return launched{}, err
 	}
-	return sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes,
+	l, err := sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes,
 		Record: plan.record, UID: plan.uid})
+	l.uid = plan.uid
+	return l, err
 }
 
 func derefHealth(h *api.Health) api.Health {
@@ -451,12 +460,13 @@ func (a *Agent) watch(id, dir string, shimPID int, shimStart uint64, l launched)
 		if l.cmd != nil {
 			_ = l.cmd.Wait() // reap our own child
 		}
-		a.finish(id, dir, l.pid, l.start)
+		a.finish(id, dir, l)
 	})
 }
 
 // finish reads the evidence of an ended game server and posts it.
-func (a *Agent) finish(id, dir string, pid int, start uint64) {
+func (a *Agent) finish(id, dir string, l launched) {
+	pid, start := l.pid, l.start
 	var ex *exitRecord
 	detail := ""
 	if raw, err := os.ReadFile(filepath.Join(dir, exitFile)); err == nil {
@@ -475,7 +485,15 @@ func (a *Agent) finish(id, dir string, pid int, start uint64) {
 		}
 	}
 	tail := capLines(tailLines(filepath.Join(dir, logFile), 50))
-	a.post(func(t *table) { t.end(id, ex, tail, detail) })
+	// The game's user goes back to the pool with the end, so nothing may
+	// run as it any more: the shim swept it, but a shim can be killed.
+	clean := l.uid == 0 || len(sweepUsers(l.uid)) == 0
+	a.post(func(t *table) {
+		if !clean {
+			t.markDirtyUID(l.uid)
+		}
+		t.end(id, ex, tail, detail)
+	})
 }
 
 // orphaned deals with a process dir that has no readable record: it kills
@@ -502,9 +520,9 @@ func (a *Agent) orphaned(dir string, why error) {
 // loop, which owns p (t is its table).
 func (a *Agent) adopt(t *table, p *proc) {
 	id, dir := p.view.ID, p.dir
-	l := launched{shimPID: p.shimPID, shimStart: p.shimStart, pid: p.view.PID, start: p.start}
+	l := launched{shimPID: p.shimPID, shimStart: p.shimStart, pid: p.view.PID, start: p.start, uid: p.uid}
 	if _, err := os.Stat(filepath.Join(dir, exitFile)); err == nil || !pidAlive(p.shimPID, p.shimStart) {
-		a.goOwned(func(context.Context) { a.finish(id, dir, l.pid, l.start) })
+		a.goOwned(func(context.Context) { a.finish(id, dir, l) })
 		return
 	}
 	a.log.Info("re-adopted process", "process", id, "pid", l.pid, "state", p.view.State)

@@ -106,6 +106,19 @@ func parentOf(pid int) int {
 	return ppid
 }
 
+// closeOnExecFrom marks every descriptor from fd up close-on-exec.
+func closeOnExecFrom(fd int) {
+	if unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return
+	}
+	ents, _ := os.ReadDir("/proc/self/fd") // kernels before 5.11
+	for _, e := range ents {
+		if n, err := strconv.Atoi(e.Name()); err == nil && n >= fd {
+			_, _ = unix.FcntlInt(uintptr(n), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
+}
+
 func cmdlineOf(pid int) string {
 	raw, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	return string(raw)
@@ -120,6 +133,9 @@ const (
 // RunShim is the body of "dedi shim": it reads its spec from stdin, starts
 // the game server and stays its parent. It returns the shim's exit code.
 func RunShim() int {
+	// A descriptor the LSPM inherited without close-on-exec (from whatever
+	// started it) would reach the game: none does.
+	closeOnExecFrom(3)
 	// Handled (not ignored) signals are reset to their defaults by exec, so
 	// the game server still gets default SIGTERM and SIGPIPE behaviour.
 	sigs := make(chan os.Signal, 8)
@@ -214,7 +230,10 @@ func RunShim() int {
 	_ = syscall.Kill(-pid, syscall.SIGKILL)
 	_ = cmd.Wait()
 	if spec.UID != 0 {
-		killUser(spec.UID)
+		// What the game left outside its group (a daemon of its own
+		// session) dies now; the LSPM sweeps again before the user is
+		// given to another game, in case this shim is killed first.
+		sweepUsers(spec.UID)
 	}
 	rec := exitRecord{PID: pid, At: time.Now().UTC()}
 	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
@@ -237,54 +256,6 @@ func RunShim() int {
 	return 0
 }
 
-// killUser kills every process that runs as uid: what a game left outside
-// its process group (a daemon in a session of its own) must not live on
-// into the next game that is given the user. It looks again until it finds
-// none, as one may have forked meanwhile.
-func killUser(uid int) {
-	for round := 0; round < 20; round++ {
-		ents, err := os.ReadDir("/proc")
-		if err != nil {
-			return
-		}
-		found := 0
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil || !runsAs(pid, uid) {
-				continue
-			}
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-			found++
-		}
-		if found == 0 {
-			return
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	fmt.Fprintf(os.Stderr, "shim: processes of user %d still run\n", uid)
-}
-
-// runsAs tells whether any of the process's user ids (real, effective,
-// saved, file system) is uid. A zombie does not count: it runs nothing
-// and only waits for its parent to reap it.
-func runsAs(pid, uid int) bool {
-	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil || bytes.Contains(raw, []byte("\nState:\tZ")) {
-		return false
-	}
-	_, rest, ok := bytes.Cut(raw, []byte("\nUid:"))
-	if !ok {
-		return false
-	}
-	line, _, _ := bytes.Cut(rest, []byte("\n"))
-	for _, f := range bytes.Fields(line) {
-		if n, err := strconv.Atoi(string(f)); err == nil && n == uid {
-			return true
-		}
-	}
-	return false
-}
-
 // launched is what startShim learned about a new game server.
 type launched struct {
 	shimPID   int
@@ -292,6 +263,7 @@ type launched struct {
 	pid       int
 	start     uint64
 	cmd       *exec.Cmd // the shim, our child until we die
+	uid       int       // the game's own user (--game-uids), or 0
 }
 
 // shimProc is a started shim waiting for its spec.

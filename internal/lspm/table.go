@@ -39,7 +39,8 @@ type table struct {
 	byToken   map[string]string // process token hash -> id
 	ports     map[int]string    // port -> id
 	nextPort  int
-	nextUID   int // where allocUID looks first, from --game-uids' start
+	nextUID   int          // where allocUID looks first, from --game-uids' start
+	dirtyUIDs map[int]bool // game users a sweep could not empty: never handed out again
 
 	shuttingDown bool
 	shutdownAt   *time.Time
@@ -198,6 +199,7 @@ func (t *table) load() ([]*proc, error) {
 	}
 	sort.Slice(t.ended, func(i, j int) bool { return endedAt(t.ended[i]).Before(endedAt(t.ended[j])) })
 	t.trimHistory()
+	t.sweepFreeUIDs(adopted)
 	return adopted, nil
 }
 
@@ -345,8 +347,9 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 
 // allocUID hands out the next user of --game-uids that no live process
 // holds, going round the range so that a user is taken again as late as
-// possible. A game's user is free again once its shim has exited, and the
-// shim kills whatever still ran as that user first.
+// possible. A game's user is free again once its game has ended and the
+// LSPM has swept every process of the user (finish); a user the sweep
+// could not empty is never handed out again.
 func (t *table) allocUID() (int, bool) {
 	lo, n := t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax-t.a.cfg.GameUIDMin+1
 	used := make(map[int]bool, len(t.live))
@@ -355,12 +358,54 @@ func (t *table) allocUID() (int, bool) {
 	}
 	for i := range n {
 		k := (t.nextUID + i) % n
-		if !used[lo+k] {
+		if !used[lo+k] && !t.dirtyUIDs[lo+k] {
 			t.nextUID = (k + 1) % n
 			return lo + k, true
 		}
 	}
 	return 0, false
+}
+
+// sweepFreeUIDs runs at start, before any game is spawned: every user of
+// --game-uids that no adopted game holds is swept, as a previous run may
+// have died between a game's end and its sweep, or left a process whose
+// record it could not read. Users are then handed out after the highest
+// one adopted, so a restart does not bring the just-freed ones back first.
+func (t *table) sweepFreeUIDs(adopted []*proc) {
+	lo, hi := t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax
+	if lo == 0 {
+		return
+	}
+	held := map[int]bool{}
+	top := -1
+	for _, p := range adopted {
+		if p.uid >= lo && p.uid <= hi {
+			held[p.uid] = true
+			top = max(top, p.uid-lo)
+		}
+	}
+	free := make([]int, 0, hi-lo+1)
+	for uid := lo; uid <= hi; uid++ {
+		if !held[uid] {
+			free = append(free, uid)
+		}
+	}
+	for _, uid := range sweepUsers(free...) {
+		t.markDirtyUID(uid)
+	}
+	t.nextUID = (top + 1) % (hi - lo + 1)
+}
+
+// markDirtyUID keeps a game user that may still run processes out of
+// allocUID for the rest of this run; the next run sweeps it again.
+func (t *table) markDirtyUID(uid int) {
+	if t.dirtyUIDs == nil {
+		t.dirtyUIDs = map[int]bool{}
+	}
+	if !t.dirtyUIDs[uid] {
+		t.dirtyUIDs[uid] = true
+		t.a.log.Error("processes of a game user survived SIGKILL; the user is not given to another game until the LSPM restarts", "uid", uid)
+	}
 }
 
 // allocPort hands out the next port of the range that no live process holds

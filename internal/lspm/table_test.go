@@ -257,6 +257,46 @@ func TestGameUIDsRotate(t *testing.T) {
 	}
 }
 
+// A user a sweep could not empty is never handed out again; a restarted
+// LSPM sweeps every user no adopted game holds and goes on after the
+// highest one adopted.
+func TestGameUIDsDirtyAndRestart(t *testing.T) {
+	tb, _ := newTestTable(t)
+	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 61010, 61013
+	tb.markDirtyUID(61011)
+	tb.markDirtyUID(61011) // logged once
+	a, _ := tb.allocUID()
+	tb.live["p-1"] = &proc{uid: a}
+	b, _ := tb.allocUID()
+	if a != 61010 || b != 61012 {
+		t.Fatalf("users %d and %d, want 61010 and 61012 (61011 is dirty)", a, b)
+	}
+	if os.Geteuid() != 0 {
+		t.Skipf("the sweep at start needs root; these tests run as user %d", os.Geteuid())
+	}
+	left := exec.Command("/bin/sleep", "60") // what a dead LSPM's game left
+	left.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 61011, Gid: 61011, Groups: []uint32{}}}
+	if err := left.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- left.Wait() }()
+	tb2 := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
+	tb2.sweepFreeUIDs([]*proc{{uid: 61012}})
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		_ = left.Process.Kill()
+		t.Fatal("the sweep at start left a process of a free user running")
+	}
+	if len(tb2.dirtyUIDs) != 0 {
+		t.Fatalf("dirty after the sweep: %v", tb2.dirtyUIDs)
+	}
+	if uid, _ := tb2.allocUID(); uid != 61013 {
+		t.Fatalf("first user after a restart %d, want 61013 (after the adopted 61012)", uid)
+	}
+}
+
 func TestGameUIDsConfig(t *testing.T) {
 	for _, s := range []string{"61000", "999-2000", "61000-60000", "65000-66000", "x-y", "1000-2147483647"} {
 		if _, _, err := ParseUIDRange(s); err == nil {

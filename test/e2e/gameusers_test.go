@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"bytes"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,6 +62,35 @@ echo left=$pid`))
 	waitDead(t, pid, 5*time.Second)
 }
 
+// A descriptor the LSPM inherited (from a service manager, a shell) is not
+// the game's to have.
+func TestGameInheritsNoDescriptors(t *testing.T) {
+	t.Parallel()
+	secret, err := os.Create(filepath.Join(t.TempDir(), "lspm-only"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer secret.Close()
+	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh"}, inherit: []*os.File{secret}})
+	if raw, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", l.cmd.Process.Pid)); err != nil || !strings.HasSuffix(raw, "lspm-only") {
+		t.Fatalf("the LSPM's fd 3 is %q (%v): the test does not test", raw, err)
+	}
+	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/sh", "-c",
+		`ls -l /proc/$$/fd; echo done`}})
+	l.waitState(t, p.ID, 10*time.Second, api.StateExited)
+	out := l.waitLog(t, p.ID, "done", 5*time.Second)
+	var fds []string
+	for _, line := range strings.Split(out, "\n") {
+		if before, _, ok := strings.Cut(line, " -> "); ok {
+			f := strings.Fields(before)
+			fds = append(fds, f[len(f)-1])
+		}
+	}
+	if strings.Join(fds, ",") != "0,1,2" {
+		t.Fatalf("the game holds descriptors %v, want 0, 1 and 2 only:\n%s", fds, out)
+	}
+}
+
 // uidOf is the real user id of a process.
 func uidOf(t *testing.T, pid int) int {
 	t.Helper()
@@ -73,4 +105,82 @@ func uidOf(t *testing.T, pid int) int {
 		t.Fatalf("status %q", raw)
 	}
 	return uid
+}
+
+// A game that leaves a daemon and a chain of processes that fork and exit
+// without pause (no scan of /proc catches them), whose shim is then killed:
+// the LSPM records the game lost and, before its user goes to another
+// game, ends every process of that user.
+func TestGameUserSweptWhenShimDies(t *testing.T) {
+	t.Parallel()
+	if os.Geteuid() != 0 {
+		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
+	}
+	l := startLSPM(t, lspmOpts{maxProcesses: 2, noDefault: true,
+		extra: []string{"--allow", "/bin/sh", "--game-uids", "61200-61201"}})
+	hop := `setsid -f sh -c "$HOP" </dev/null >/dev/null 2>&1; exit 0`
+	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Env: map[string]string{"HOP": hop},
+		Command: []string{"/bin/sh", "-c", `setsid sleep 600 & pid=$!
+while [ "$(cut -d' ' -f6 /proc/$pid/stat)" != "$pid" ]; do sleep 0.01; done
+sh -c "$HOP"
+echo left=$pid
+exec sleep 600`}})
+	uid := uidOf(t, p.PID)
+	out := l.waitLog(t, p.ID, "left=", 5*time.Second)
+	daemon, err := strconv.Atoi(strings.TrimSpace(out[strings.Index(out, "left=")+len("left="):]))
+	if err != nil {
+		t.Fatalf("log %q", out)
+	}
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(p.PID) + "/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+1:]))
+	shim, _ := strconv.Atoi(f[1])
+	if shim <= 1 {
+		t.Fatalf("game's parent %q", f[1])
+	}
+	time.Sleep(200 * time.Millisecond) // let the hoppers hop
+	if err := syscall.Kill(shim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+
+	l.waitState(t, p.ID, 10*time.Second, api.StateLost)
+	waitDead(t, daemon, time.Second)
+	waitDead(t, p.PID, time.Second)
+	before := zombiesOf(t, uid)
+	time.Sleep(300 * time.Millisecond)
+	if live := liveOf(t, uid); len(live) > 0 || zombiesOf(t, uid) > before {
+		t.Fatalf("processes of the lost game's user %d still run: %v (zombies %d, then %d)", uid, live, before, zombiesOf(t, uid))
+	}
+}
+
+// liveOf lists the processes whose real user is uid and are not zombies;
+// zombiesOf counts those that are.
+func liveOf(t *testing.T, uid int) []int { return procsOf(t, uid, false) }
+
+func zombiesOf(t *testing.T, uid int) int { return len(procsOf(t, uid, true)) }
+
+func procsOf(t *testing.T, uid int, zombies bool) []int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		raw, err := os.ReadFile("/proc/" + e.Name() + "/status")
+		if err != nil || strings.Contains(string(raw), "\nState:\tZ") != zombies {
+			continue
+		}
+		_, rest, _ := strings.Cut(string(raw), "\nUid:")
+		if f := strings.Fields(rest); len(f) > 0 && f[0] == strconv.Itoa(uid) {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

@@ -77,6 +77,7 @@ type lspm struct {
 	cmd     *exec.Cmd
 	logs    *bytes.Buffer
 	exited  chan struct{}
+	inherit []*os.File // descriptors the LSPM inherits (3 up)
 }
 
 type lspmOpts struct {
@@ -85,6 +86,7 @@ type lspmOpts struct {
 	extra        []string
 	dataDir      string
 	noDefault    bool
+	inherit      []*os.File // descriptors the LSPM inherits (3 up), not close-on-exec
 }
 
 // startLSPM starts an LSPM whose default command is the echo example and
@@ -115,7 +117,7 @@ func startLSPM(t testing.TB, o lspmOpts) *lspm {
 	if !o.noDefault {
 		args = append(args, "--", echoBin)
 	}
-	l := &lspm{t: t, token: machineToken, dataDir: o.dataDir, args: args}
+	l := &lspm{t: t, token: machineToken, dataDir: o.dataDir, args: args, inherit: o.inherit}
 	t.Cleanup(func() { l.cleanup() }) // first: a start that fails still gets cleaned up
 	l.start()
 	return l
@@ -136,6 +138,7 @@ func (l *lspm) start() {
 	l.cmd = exec.Command(dediBin, l.args...)
 	l.cmd.Env = append(os.Environ(), api.EnvMachineToken+"="+l.token)
 	l.cmd.Stdout, l.cmd.Stderr = l.logs, l.logs
+	l.cmd.ExtraFiles = l.inherit
 	if err := l.cmd.Start(); err != nil {
 		l.t.Fatal(err)
 	}

@@ -1,0 +1,162 @@
+package lspm
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// sweepWait bounds how long sweepUsers waits for one user's processes to
+// die once they have been sent SIGKILL.
+const sweepWait = 2 * time.Second
+
+// sweepUsers kills every process that runs as each of uids (--game-uids)
+// and returns the users it could not confirm empty. It must run as root.
+//
+// A scan of /proc that kills what it finds can be outrun: a process that
+// forks and exits without pause always has a child the scan has not seen
+// yet. So the sweep asks the kernel instead. One thread of this process
+// takes the game's user as its real and effective user (root stays only as
+// its saved user, so the thread holds no capability meanwhile) and calls
+// kill(-1, SIGKILL): the kernel signals every process that user may signal,
+// which is every process of the user, under the lock that fork takes too.
+// A process forked after that call fails to start (its parent has a fatal
+// signal pending), so one call dooms them all; the sweep then reads /proc,
+// once for all the users, until none of them runs (and kills again
+// meanwhile, to be sure).
+//
+// Credentials are per thread in the kernel, so the change is made with a
+// raw syscall on a thread locked to this goroutine: no other goroutine runs
+// there meanwhile, and the runtime starts new threads from a clean one. If
+// root cannot be taken back, the thread is not unlocked and ends with the
+// goroutine.
+func sweepUsers(uids ...int) []int {
+	want := make(map[int]bool, len(uids))
+	for _, uid := range uids {
+		if uid > 0 { // never root: kill(-1) as root is every process
+			want[uid] = true
+		}
+	}
+	if len(want) == 0 {
+		return nil
+	}
+	var dirty []int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		deadline := time.Now().Add(sweepWait)
+		pause := 500 * time.Microsecond
+		for {
+			for uid := range want {
+				if err := killAllAs(uid); errors.Is(err, errStuck) {
+					// Stuck as the game's user: let the thread die with
+					// this goroutine (no unlock).
+					fmt.Fprintf(os.Stderr, "sweep: %v\n", err)
+					dirty = slices.Collect(maps.Keys(want))
+					return
+				} else if err != nil {
+					fmt.Fprintf(os.Stderr, "sweep: %v\n", err)
+					dirty = append(dirty, uid)
+					delete(want, uid)
+				}
+			}
+			// One kill(-1) dooms every process of the user; the loop only
+			// waits for them to be gone.
+			want = liveUsers(want)
+			if len(want) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				for uid := range want {
+					fmt.Fprintf(os.Stderr, "sweep: processes of user %d still run %v after SIGKILL\n", uid, sweepWait)
+					dirty = append(dirty, uid)
+				}
+				break
+			}
+			time.Sleep(pause)
+			pause = min(2*pause, 50*time.Millisecond)
+		}
+		runtime.UnlockOSThread()
+	}()
+	<-done
+	slices.Sort(dirty)
+	return dirty
+}
+
+// errStuck is killAllAs failing to take root back.
+var errStuck = errors.New("cannot take root back after a sweep")
+
+// killAllAs calls kill(-1, SIGKILL) as uid from the calling thread, which
+// must be locked to its goroutine. (kill(-1) answers ESRCH only when there
+// is no other process at all, so its answer tells nothing about uid.)
+func killAllAs(uid int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), 0); e != 0 {
+		return fmt.Errorf("setresuid %d: %w", uid, e)
+	}
+	_, _, kerr := unix.RawSyscall(unix.SYS_KILL, ^uintptr(0), uintptr(unix.SIGKILL), 0)
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, 0, 0); e != 0 {
+		return fmt.Errorf("%w: %v", errStuck, e)
+	}
+	if kerr != 0 && kerr != unix.ESRCH {
+		return fmt.Errorf("kill(-1) as user %d: %w", uid, kerr)
+	}
+	return nil
+}
+
+// liveUsers returns the users of want that a process other than this one
+// runs as, and is not a zombie: a zombie runs nothing and forks nothing,
+// and waits only for its parent to reap it.
+func liveUsers(want map[int]bool) map[int]bool {
+	live := map[int]bool{}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return want // cannot tell: assume the worst
+	}
+	self := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		for _, uid := range usersOf(pid) {
+			if want[uid] {
+				live[uid] = true
+			}
+		}
+	}
+	return live
+}
+
+// anyRunsAs tells whether a process other than this one, and not a
+// zombie, runs as uid.
+func anyRunsAs(uid int) bool { return len(liveUsers(map[int]bool{uid: true})) > 0 }
+
+// usersOf returns the process's user ids (real, effective, saved, file
+// system), or none for a zombie or a process that is gone.
+func usersOf(pid int) []int {
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil || bytes.Contains(raw, []byte("\nState:\tZ")) {
+		return nil
+	}
+	_, rest, ok := bytes.Cut(raw, []byte("\nUid:"))
+	if !ok {
+		return nil
+	}
+	line, _, _ := bytes.Cut(rest, []byte("\n"))
+	var out []int
+	for _, f := range bytes.Fields(line) {
+		if n, err := strconv.Atoi(string(f)); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}

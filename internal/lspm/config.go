@@ -3,6 +3,7 @@ package lspm
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -136,6 +137,53 @@ func ParseUIDRange(s string) (int, int, error) {
 	return min, max, nil
 }
 
+// systemd hands the users 61184-65519 to services of its own (DynamicUser=).
+const dynamicUserMin, dynamicUserMax = 61184, 65519
+
+// uidRangeFree refuses a --game-uids range that holds a user or group the
+// system has (etc/passwd, etc/group), subordinate ids given to a user for
+// containers (etc/subuid, etc/subgid), or systemd's dynamic users: the LSPM
+// kills every process of a game's user, and a game must not get anyone's
+// files. A missing file holds nothing (a VM's initramfs has none).
+func uidRangeFree(lo, hi int, etc string) error {
+	if lo <= dynamicUserMax && dynamicUserMin <= hi {
+		return fmt.Errorf("overlaps systemd's dynamic users %d-%d", dynamicUserMin, dynamicUserMax)
+	}
+	for _, name := range []string{"passwd", "group"} {
+		raw, err := os.ReadFile(filepath.Join(etc, name))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		for _, line := range strings.Split(string(raw), "\n") {
+			f := strings.Split(line, ":")
+			if len(f) < 3 {
+				continue
+			}
+			if id, err := strconv.Atoi(f[2]); err == nil && lo <= id && id <= hi {
+				return fmt.Errorf("holds %d, which %s gives to %q", id, filepath.Join(etc, name), f[0])
+			}
+		}
+	}
+	for _, name := range []string{"subuid", "subgid"} {
+		raw, err := os.ReadFile(filepath.Join(etc, name))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		for _, line := range strings.Split(string(raw), "\n") {
+			f := strings.Split(strings.TrimSpace(line), ":")
+			if len(f) != 3 {
+				continue
+			}
+			start, err1 := strconv.Atoi(f[1])
+			count, err2 := strconv.Atoi(f[2])
+			if err1 == nil && err2 == nil && count > 0 && lo < start+count && start <= hi {
+				return fmt.Errorf("overlaps %d-%d, which %s gives to %q", start, start+count-1, filepath.Join(etc, name), f[0])
+			}
+		}
+	}
+	return nil
+}
+
 // withDefaults returns c with zero fields set to their defaults.
 func (c Config) withDefaults() Config {
 	if c.Listen == "" {
@@ -209,6 +257,9 @@ func (c Config) Validate() error {
 		}
 		if os.Geteuid() != 0 {
 			return errors.New("--game-uids needs the LSPM to run as root, to start each game as its own user")
+		}
+		if err := uidRangeFree(c.GameUIDMin, c.GameUIDMax, "/etc"); err != nil {
+			return fmt.Errorf("--game-uids %d-%d: %w", c.GameUIDMin, c.GameUIDMax, err)
 		}
 	}
 	if c.FailureThreshold < 1 || c.HealthPeriod <= 0 || c.StartTimeout <= 0 || c.Grace < 0 {

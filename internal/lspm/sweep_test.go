@@ -17,7 +17,7 @@ func TestSweepUsersKillsForkHopper(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("sweeping a user needs root; these tests run as user %d", os.Geteuid())
 	}
-	const uid = 61390
+	const uid = 700000390
 	// Each generation starts the next one, detached, and exits at once.
 	hop := `setsid -f sh -c "$HOP" </dev/null >/dev/null 2>&1; exit 0`
 	for range 3 { // three chains of hoppers at once
@@ -76,7 +76,7 @@ func TestSweepUsersSparesOthers(t *testing.T) {
 		t.Skipf("sweeping a user needs root; these tests run as user %d", os.Geteuid())
 	}
 	other := exec.Command("/bin/sleep", "30")
-	other.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 61391, Gid: 61391, Groups: []uint32{}}}
+	other.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 700000391, Gid: 700000391, Groups: []uint32{}}}
 	if err := other.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +87,7 @@ func TestSweepUsersSparesOthers(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = mine.Process.Kill(); _ = mine.Wait() })
 
-	if dirty := sweepUsers(0, 61392); len(dirty) != 0 {
+	if dirty := sweepUsers(0, 700000392); len(dirty) != 0 {
 		t.Fatalf("dirty %v", dirty)
 	}
 	time.Sleep(50 * time.Millisecond)

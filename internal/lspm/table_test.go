@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -262,27 +263,27 @@ func TestGameUIDsRotate(t *testing.T) {
 // highest one adopted.
 func TestGameUIDsDirtyAndRestart(t *testing.T) {
 	tb, _ := newTestTable(t)
-	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 61010, 61013
-	tb.markDirtyUID(61011)
-	tb.markDirtyUID(61011) // logged once
+	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 700000010, 700000013
+	tb.markDirtyUID(700000011)
+	tb.markDirtyUID(700000011) // logged once
 	a, _ := tb.allocUID()
 	tb.live["p-1"] = &proc{uid: a}
 	b, _ := tb.allocUID()
-	if a != 61010 || b != 61012 {
-		t.Fatalf("users %d and %d, want 61010 and 61012 (61011 is dirty)", a, b)
+	if a != 700000010 || b != 700000012 {
+		t.Fatalf("users %d and %d, want 700000010 and 700000012 (700000011 is dirty)", a, b)
 	}
 	if os.Geteuid() != 0 {
 		t.Skipf("the sweep at start needs root; these tests run as user %d", os.Geteuid())
 	}
 	left := exec.Command("/bin/sleep", "60") // what a dead LSPM's game left
-	left.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 61011, Gid: 61011, Groups: []uint32{}}}
+	left.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 700000011, Gid: 700000011, Groups: []uint32{}}}
 	if err := left.Start(); err != nil {
 		t.Fatal(err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- left.Wait() }()
 	tb2 := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
-	tb2.sweepFreeUIDs([]*proc{{uid: 61012}})
+	tb2.sweepFreeUIDs([]*proc{{uid: 700000012}})
 	select {
 	case <-exited:
 	case <-time.After(5 * time.Second):
@@ -292,8 +293,8 @@ func TestGameUIDsDirtyAndRestart(t *testing.T) {
 	if len(tb2.dirtyUIDs) != 0 {
 		t.Fatalf("dirty after the sweep: %v", tb2.dirtyUIDs)
 	}
-	if uid, _ := tb2.allocUID(); uid != 61013 {
-		t.Fatalf("first user after a restart %d, want 61013 (after the adopted 61012)", uid)
+	if uid, _ := tb2.allocUID(); uid != 700000013 {
+		t.Fatalf("first user after a restart %d, want 700000013 (after the adopted 700000012)", uid)
 	}
 }
 
@@ -318,5 +319,44 @@ func TestGameUIDsConfig(t *testing.T) {
 	}
 	if os.Geteuid() != 0 && (err == nil || !strings.Contains(err.Error(), "root")) {
 		t.Errorf("not root: %v", err)
+	}
+}
+
+// A range that holds someone's user, group or subordinate ids, or
+// systemd's dynamic users, is refused: the LSPM kills every process of a
+// game's user.
+func TestGameUIDsRangeFree(t *testing.T) {
+	etc := t.TempDir()
+	write := func(name, body string) {
+		if err := os.WriteFile(filepath.Join(etc, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := uidRangeFree(200000, 200999, etc); err != nil {
+		t.Fatalf("no files, nothing held: %v", err)
+	}
+	write("passwd", "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbad line\n")
+	write("group", "root:x:0:\nplayers:x:5000:alice\n")
+	write("subuid", "alice:100000:65536\n")
+	write("subgid", "alice:300000:65536\n")
+	for _, c := range []struct {
+		lo, hi int
+		want   string
+	}{
+		{1000, 1999, `gives to "alice"`},
+		{4000, 5000, `gives to "players"`},
+		{165535, 170000, "subuid"},
+		{365000, 366000, "subgid"},
+		{61000, 61184, "dynamic users"},
+		{65519, 66000, "dynamic users"},
+	} {
+		if err := uidRangeFree(c.lo, c.hi, etc); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%d-%d: %v, want %q", c.lo, c.hi, err, c.want)
+		}
+	}
+	for _, r := range [][2]int{{1001, 4999}, {165536, 299999}, {61000, 61183}, {700000000, 700000999}} {
+		if err := uidRangeFree(r[0], r[1], etc); err != nil {
+			t.Errorf("%d-%d: %v", r[0], r[1], err)
+		}
 	}
 }

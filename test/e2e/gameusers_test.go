@@ -22,15 +22,15 @@ func TestGameUsersIsolateGames(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
-	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh", "--game-uids", "61100-61199"}})
+	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh", "--game-uids", "700000100-700000199"}})
 	sh := func(script string) api.SpawnRequest {
 		return api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/sh", "-c", script}}
 	}
 
 	victim := l.spawn(t, sh("exec sleep 600"))
 	vuid := uidOf(t, victim.PID)
-	if vuid < 61100 || vuid > 61199 {
-		t.Fatalf("the game runs as user %d, want one of 61100-61199", vuid)
+	if vuid < 700000100 || vuid > 700000199 {
+		t.Fatalf("the game runs as user %d, want one of 700000100-700000199", vuid)
 	}
 
 	attacker := l.spawn(t, sh(fmt.Sprintf(
@@ -117,7 +117,7 @@ func TestGameUserSweptWhenShimDies(t *testing.T) {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
 	l := startLSPM(t, lspmOpts{maxProcesses: 2, noDefault: true,
-		extra: []string{"--allow", "/bin/sh", "--game-uids", "61200-61201"}})
+		extra: []string{"--allow", "/bin/sh", "--game-uids", "700000200-700000201"}})
 	hop := `setsid -f sh -c "$HOP" </dev/null >/dev/null 2>&1; exit 0`
 	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Env: map[string]string{"HOP": hop},
 		Command: []string{"/bin/sh", "-c", `setsid sleep 600 & pid=$!

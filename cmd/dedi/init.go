@@ -72,8 +72,14 @@ func bootGuest(log *slog.Logger) (image.GuestConfig, error) {
 			return cfg, fmt.Errorf("mount %s: %w", m.dir, err)
 		}
 	}
+	// The root of an initramfs is world-writable: a game of its own user
+	// could plant /usr, /etc or /lib there for the next process to trust.
+	if err := os.Chmod("/", 0o755); err != nil {
+		return cfg, err
+	}
 	// The games' scratch space: each runs as a user of its own and can
 	// write nowhere else (sticky, as /tmp is: none removes another's files).
+	// The LSPM makes each game its own HOME in there (0700).
 	if err := os.MkdirAll("/tmp", 0o755); err != nil {
 		return cfg, err
 	}

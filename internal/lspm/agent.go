@@ -361,6 +361,9 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		_ = os.RemoveAll(plan.dir)
 		// The shim may have started the game before it failed.
 		clean := plan.uid == 0 || len(sweepUsers(plan.uid)) == 0
+		if clean && plan.home != "" {
+			_ = os.RemoveAll(plan.home)
+		}
 		a.post(func(t *table) {
 			if !clean {
 				t.markDirtyUID(plan.uid)
@@ -404,9 +407,18 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 	period, _, _ := a.healthOf(derefHealth(req.Health))
 	env := make([]string, 0, len(baseEnv)+len(req.Env)+12)
 	for _, k := range baseEnv {
+		if plan.home != "" && (k == "HOME" || k == "TMPDIR" || k == "USER") {
+			continue // the LSPM's, not the game's
+		}
 		if v, ok := os.LookupEnv(k); ok {
 			env = append(env, k+"="+v)
 		}
+	}
+	if plan.home != "" {
+		if err := makeGameHome(plan.home, plan.uid); err != nil {
+			return launched{}, err
+		}
+		env = append(env, "HOME="+plan.home, "TMPDIR="+plan.home)
 	}
 	keys := make([]string, 0, len(req.Env))
 	for k := range req.Env {
@@ -439,8 +451,21 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 	}
 	l, err := sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes,
 		Record: plan.record, UID: plan.uid})
-	l.uid = plan.uid
+	l.uid, l.home = plan.uid, plan.home
 	return l, err
+}
+
+// makeGameHome creates a game's own HOME, 0700 and its user's. Mkdir
+// fails on anything already there, a link included.
+func makeGameHome(dir string, uid int) error {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("create the game's home: %w", err)
+	}
+	if err := os.Chown(dir, uid, uid); err != nil {
+		_ = os.Remove(dir)
+		return fmt.Errorf("give the game its home: %w", err)
+	}
+	return nil
 }
 
 func derefHealth(h *api.Health) api.Health {
@@ -488,6 +513,9 @@ func (a *Agent) finish(id, dir string, l launched) {
 	// The game's user goes back to the pool with the end, so nothing may
 	// run as it any more: the shim swept it, but a shim can be killed.
 	clean := l.uid == 0 || len(sweepUsers(l.uid)) == 0
+	if clean && l.home != "" {
+		_ = os.RemoveAll(l.home) // nothing of the user runs that could race it
+	}
 	a.post(func(t *table) {
 		if !clean {
 			t.markDirtyUID(l.uid)
@@ -520,7 +548,7 @@ func (a *Agent) orphaned(dir string, why error) {
 // loop, which owns p (t is its table).
 func (a *Agent) adopt(t *table, p *proc) {
 	id, dir := p.view.ID, p.dir
-	l := launched{shimPID: p.shimPID, shimStart: p.shimStart, pid: p.view.PID, start: p.start, uid: p.uid}
+	l := launched{shimPID: p.shimPID, shimStart: p.shimStart, pid: p.view.PID, start: p.start, uid: p.uid, home: p.home}
 	if _, err := os.Stat(filepath.Join(dir, exitFile)); err == nil || !pidAlive(p.shimPID, p.shimStart) {
 		a.goOwned(func(context.Context) { a.finish(id, dir, l) })
 		return

@@ -264,6 +264,7 @@ type launched struct {
 	start     uint64
 	cmd       *exec.Cmd // the shim, our child until we die
 	uid       int       // the game's own user (--game-uids), or 0
+	home      string    // with uid: the game's own HOME
 }
 
 // shimProc is a started shim waiting for its spec.

@@ -2,6 +2,7 @@ package lspm
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"net"
 	"os"
@@ -81,6 +82,7 @@ type proc struct {
 	reportedIn  uint64     // seq of the first report that carried its end
 	bootID      string     // the kernel boot it was started in
 	uid         int        // the game's own user and group (--game-uids), or 0
+	home        string     // with uid: the game's own HOME and TMPDIR, removed when it ends
 	done        chan struct{}
 
 	agones *agonesState // with "sdk": "agones" (agones.go), else nil
@@ -98,7 +100,8 @@ type record struct {
 	AnnouncedAt *time.Time   `json:"announcedAt,omitempty"`
 	BootID      string       `json:"bootId,omitempty"` // the kernel boot the process ran in
 	Agones      *agonesState `json:"agones,omitempty"`
-	GameUID     int          `json:"gameUid,omitempty"` // the game's own user (--game-uids)
+	GameUID     int          `json:"gameUid,omitempty"`  // the game's own user (--game-uids)
+	GameHome    string       `json:"gameHome,omitempty"` // the game's own HOME and TMPDIR, with GameUID
 }
 
 const recordFile = "record.json"
@@ -106,7 +109,7 @@ const recordFile = "record.json"
 func (p *proc) record() record {
 	return record{Process: p.view, TokenHash: p.tokenHash, ShimPID: p.shimPID, ShimStart: p.shimStart,
 		Start: p.start, StopReason: p.stopReason, StopDetail: p.stopDetail, AnnouncedAt: p.announcedAt,
-		BootID: p.bootID, Agones: p.agones, GameUID: p.uid}
+		BootID: p.bootID, Agones: p.agones, GameUID: p.uid, GameHome: p.home}
 }
 
 // persist queues the process record for the persister, which writes it off
@@ -159,7 +162,7 @@ func (t *table) load() ([]*proc, error) {
 		p := &proc{view: rec.Process, tokenHash: rec.TokenHash, dir: dir, shimPID: rec.ShimPID,
 			shimStart: rec.ShimStart, start: rec.Start, stopReason: rec.StopReason,
 			stopDetail: rec.StopDetail, announcedAt: rec.AnnouncedAt, bootID: rec.BootID, done: make(chan struct{}),
-			agones: rec.Agones, uid: rec.GameUID}
+			agones: rec.Agones, uid: rec.GameUID, home: rec.GameHome}
 		if p.agones != nil {
 			p.agones.watch = make(chan struct{})
 			p.agones.awaitPing = true // agones.go
@@ -239,6 +242,7 @@ type spawnPlan struct {
 	record []byte       // the first record, for the shim to complete and write
 	agones *agonesState // a copy of the Agones SDK ports, or nil
 	uid    int          // the game's own user and group, or 0
+	home   string       // with uid: the game's own HOME, to create
 }
 
 // reserve admits a spawn: it is the single point where the handshake, the
@@ -318,6 +322,11 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 		agones:    agones,
 		uid:       uid,
 	}
+	if uid != 0 {
+		// Its own HOME: a game of its own user can write nowhere else but
+		// /tmp. The name cannot be guessed, so no other game can plant it.
+		p.home = filepath.Join(os.TempDir(), "dedi-game-"+rand.Text())
+	}
 	p.startClock = p.view.CreatedAt
 	if p.view.Params == nil {
 		p.view.Params = map[string]any{}
@@ -338,7 +347,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 	t.live[id] = p
 	t.byToken[tokenHash] = id
 	t.changed()
-	plan := spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record()), uid: uid}
+	plan := spawnPlan{id: id, dir: p.dir, ports: ports, record: mustJSON(p.record()), uid: uid, home: p.home}
 	if agones != nil {
 		plan.agones = &agonesState{HTTPPort: agones.HTTPPort, GRPCPort: agones.GRPCPort}
 	}

@@ -48,6 +48,28 @@ func TestGameUsersIsolateGames(t *testing.T) {
 		t.Fatal("the victim died")
 	}
 
+	// Its own HOME (and TMPDIR): writable by it alone, gone with it.
+	homer := l.spawn(t, sh(`touch "$HOME/x" && echo "home=$HOME tmp=$TMPDIR mode=$(stat -c %a:%u "$HOME") uid=$(id -u) end"`))
+	l.waitState(t, homer.ID, 10*time.Second, api.StateExited)
+	out = l.waitLog(t, homer.ID, " end", 5*time.Second)
+	var home, tmp, mode, huid string
+	if _, err := fmt.Sscanf(out[strings.Index(out, "home="):], "home=%s tmp=%s mode=%s uid=%s end", &home, &tmp, &mode, &huid); err != nil {
+		t.Fatalf("log %q: %v", out, err)
+	}
+	if !strings.HasPrefix(home, os.TempDir()+"/dedi-game-") || tmp != home || mode != "700:"+huid {
+		t.Fatalf("the game's home %q, TMPDIR %q, mode and owner %q (uid %s)", home, tmp, mode, huid)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := os.Lstat(home); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the ended game's home %s is still there", home)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
 	// A daemon in a session of its own, left behind when its game exits
 	// (which waits until the daemon has left its process group).
 	leaver := l.spawn(t, sh(`setsid sleep 600 & pid=$!

@@ -26,9 +26,10 @@ import (
 )
 
 var (
-	dediBin string // built dedi
-	echoBin string // built examples/echo
-	selfBin string // this test binary, the fake game server
+	dediBin  string // built dedi
+	echoBin  string // built examples/echo
+	probeBin string // built test/guestprobe (static), for qemu images
+	selfBin  string // this test binary, the fake game server
 )
 
 func TestMain(m *testing.M) {
@@ -47,7 +48,9 @@ func buildAndRun(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	dediBin = filepath.Join(dir, "dedi")
 	echoBin = filepath.Join(dir, "echo")
-	for _, b := range []struct{ out, pkg string }{{dediBin, "dedi.dev/dedi/cmd/dedi"}, {echoBin, "dedi.dev/dedi/examples/echo"}} {
+	probeBin = filepath.Join(dir, "guestprobe")
+	for _, b := range []struct{ out, pkg string }{{dediBin, "dedi.dev/dedi/cmd/dedi"}, {echoBin, "dedi.dev/dedi/examples/echo"},
+		{probeBin, "dedi.dev/dedi/test/guestprobe"}} {
 		cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {

@@ -35,9 +35,10 @@ func needQEMU(t testing.TB) {
 	}
 }
 
-// qemuImage builds the echo example (static, as the e2e binaries are)
-// into a qemu image with "dedi image build", as a studio would, and
-// returns its reference and size (kernel + initramfs).
+// qemuImage builds the echo example (static, as the e2e binaries are),
+// with test/guestprobe beside it, into a qemu image with "dedi image
+// build", as a studio would, and returns its reference and size (kernel +
+// initramfs).
 func qemuImage(t testing.TB) (ref string, size int64) {
 	t.Helper()
 	build, out := t.TempDir(), t.TempDir()
@@ -46,6 +47,12 @@ func qemuImage(t testing.TB) (ref string, size int64) {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(build, "echo"), raw, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if raw, err = os.ReadFile(probeBin); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(build, "guestprobe"), raw, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	// The dedi put in the image is this dedi (its default --dedi).
@@ -122,12 +129,15 @@ func qemuPIDs(dir string) []int {
 	return pids
 }
 
-// qemuFleet creates a fleet on the qemu provider with no command: the
+// qemuFleet creates a fleet on the qemu provider; with no command, the
 // image's default command runs.
-func qemuFleet(t testing.TB, v *vmmProc, name, ref string, ports []string, idle float64) {
+func qemuFleet(t testing.TB, v *vmmProc, name, ref string, ports []string, idle float64, command ...string) {
 	t.Helper()
 	f := map[string]any{"name": name, "provider": "qemu", "image": ref, "ports": ports,
 		"scaling": map[string]any{"maxMachines": 1, "idleShutdownSeconds": idle}}
+	if len(command) > 0 {
+		f["command"] = command
+	}
 	if code, raw := call(t, "POST", v.url+"/v1/fleets", v.token, f, nil); code != http.StatusCreated {
 		t.Fatalf("create fleet: %d %s", code, raw)
 	}
@@ -141,8 +151,9 @@ func qemuFleet(t testing.TB, v *vmmProc, name, ref string, ports []string, idle 
 // recorded with its exit code and log tail; idle machines are shut down
 // through the handshake, and no qemu is left.
 //
-// The crash is the echo itself, in a second fleet whose port is not
-// named "game": the echo exits 2 at start, saying why. (The host cannot
+// The crash is test/guestprobe, in a second fleet: it checks what a game
+// of its own user can reach in the guest (not the root file system; its
+// own HOME), prints what it found and exits 3 on purpose. (The host cannot
 // signal a process inside a VM, as the docker test does in a container.)
 func TestQEMUFleet(t *testing.T) {
 	needQEMU(t)
@@ -150,7 +161,7 @@ func TestQEMUFleet(t *testing.T) {
 	ref, _ := qemuImage(t)
 	v := qemuVMM(t, 180, 42100)
 	qemuFleet(t, v, "vm-echo", ref, []string{"game"}, 2)
-	qemuFleet(t, v, "vm-crash", ref, []string{"other"}, 2)
+	qemuFleet(t, v, "vm-crash", ref, []string{"game"}, 2, "/opt/game/guestprobe")
 
 	p := startProcess(t, v, "vm-echo", true)
 	if p.State != api.StateReady || !strings.HasPrefix(p.Address, "127.0.0.18") || p.Ports["game"] < 42100 || p.Ports["game"] > 42149 {
@@ -190,16 +201,16 @@ func TestQEMUFleet(t *testing.T) {
 		return len(again) == 1 && again[0].State == api.MachineReady && again[0].ID == ms[0].ID
 	})
 
-	// The echo of the crash fleet exits 2 at start: crashed, with its
-	// words in the log tail, read through the VMM.
+	// The probe of the crash fleet exits 3 when every check held: crashed,
+	// with its words in the log tail, read through the VMM.
 	crash := startProcess(t, v, "vm-crash", false)
-	eventually(t, 20*time.Second, "the echo crashed", func() bool {
+	eventually(t, 20*time.Second, "the probe crashed", func() bool {
 		crash = v.process(t, crash.ID)
-		return crash.State == api.StateCrashed
+		return api.IsTerminal(crash.State)
 	})
-	const why = "echo: DEDI_PORT_GAME must be a port number"
-	if e := crash.Exit; e == nil || e.Reason != api.ReasonCrashed || e.Code == nil || *e.Code != 2 || !strings.Contains(strings.Join(e.LogTail, "\n"), why) {
-		t.Fatalf("crash evidence %+v, want reason crashed, code 2 and %q in the log tail", e, why)
+	const why = "guestprobe: every check held; crashing on purpose"
+	if e := crash.Exit; e == nil || e.Reason != api.ReasonCrashed || e.Code == nil || *e.Code != 3 || !strings.Contains(strings.Join(e.LogTail, "\n"), why) {
+		t.Fatalf("crash evidence %+v, want reason crashed, code 3 and %q in the log tail", e, why)
 	}
 	code, logs := call(t, "GET", v.url+"/v1/processes/"+crash.ID+"/logs?tail=20", v.token, nil, nil)
 	if code != http.StatusOK || !strings.Contains(string(logs), why) {

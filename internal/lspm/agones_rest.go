@@ -26,6 +26,7 @@ import (
 
 	"dedi.dev/dedi/internal/agonespb"
 	"dedi.dev/dedi/internal/agonespb/alpha"
+	"dedi.dev/dedi/internal/rest"
 )
 
 // The gateway's JSON options, as Agones configures them.
@@ -311,7 +312,9 @@ func (s *agonesServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (s *agonesServer) watchREST(w http.ResponseWriter, r *http.Request) {
 	flusher, _ := w.(http.Flusher)
 	started := false
-	err := s.watch(r.Context(), func(gs *agonespb.GameServer) error {
+	ctx, cancel := rest.UntilStop(r.Context()) // a watch ends when the gateway stops
+	defer cancel()
+	err := s.watch(ctx, func(gs *agonespb.GameServer) error {
 		b, err := agonesMarshal.Marshal(gs)
 		if err != nil {
 			return status.Error(codes.Internal, err.Error())
@@ -331,7 +334,7 @@ func (s *agonesServer) watchREST(w http.ResponseWriter, r *http.Request) {
 		}
 		return nil
 	})
-	if err == nil || r.Context().Err() != nil {
+	if err == nil || ctx.Err() != nil {
 		return
 	}
 	if !started {

@@ -401,7 +401,7 @@ func (a *Agent) getLogs(w http.ResponseWriter, r *http.Request) {
 		if f, ok := w.(http.Flusher); ok {
 			f.Flush()
 		}
-		ctx, cancel := context.WithCancel(r.Context())
+		ctx, cancel := rest.UntilStop(r.Context()) // ends when the LSPM stops
 		defer cancel()
 		if a.runCtx != nil {
 			stop := context.AfterFunc(a.runCtx, cancel)
@@ -485,6 +485,7 @@ func (a *Agent) postShutdown(w http.ResponseWriter, r *http.Request) {
 		case <-time.After(shutdownDeliveryWait):
 			a.log.Warn("shutdown accepted before the VMM acknowledged the last report")
 		case <-r.Context().Done():
+		case <-rest.Stopping(r.Context()):
 		}
 	}
 	rest.WriteJSON(w, http.StatusOK, api.ShutdownAnswer{Accepted: true})

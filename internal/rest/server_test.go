@@ -1,19 +1,22 @@
 package rest
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// Stop ends the requests' contexts
-// and returns only once their handlers have, also one that takes its time
+// Stop returns only once every handler has, also one that takes its time
 // to finish after its context ended; a handler that ignores its context is
-// cut off by closing its connection after the wait.
+// cut off by closing its connection (which ends its context) after the
+// wait.
 func TestServerStopWaits(t *testing.T) {
 	var running, finished atomic.Int32
 	entered := make(chan struct{}, 2)
@@ -96,4 +99,73 @@ func TestServerFailed(t *testing.T) {
 		t.Fatal("a broken listener was not reported")
 	}
 	g.Stop(time.Second)
+}
+
+// A stop ends the long requests at once (Stopping, UntilStop with the
+// cause ErrStopping) and lets a short one in flight answer with its
+// context intact; a stopped server pins HTTP/1.1.
+func TestServerStopEndsLongRequestsOnly(t *testing.T) {
+	entered := make(chan struct{}, 2)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered <- struct{}{}
+		if r.URL.Path == "/long" {
+			ctx, cancel := UntilStop(r.Context())
+			defer cancel()
+			<-Stopping(r.Context())
+			<-ctx.Done()
+			if !errors.Is(context.Cause(ctx), ErrStopping) {
+				http.Error(w, "cause "+fmt.Sprint(context.Cause(ctx)), http.StatusInternalServerError)
+				return
+			}
+			http.Error(w, "stopping", http.StatusServiceUnavailable)
+			return
+		}
+		time.Sleep(300 * time.Millisecond) // a short call, under way when the stop begins
+		if err := r.Context().Err(); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		_, _ = io.WriteString(w, "done")
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := Serve(srv, ln)
+	if srv.Protocols == nil || srv.Protocols.HTTP2() || srv.Protocols.UnencryptedHTTP2() || !srv.Protocols.HTTP1() {
+		t.Errorf("protocols %v, want HTTP/1 only", srv.Protocols)
+	}
+	type result struct {
+		code int
+		body string
+	}
+	get := func(path string, out chan<- result) {
+		resp, err := http.Get("http://" + ln.Addr().String() + path)
+		if err != nil {
+			out <- result{body: err.Error()}
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		out <- result{resp.StatusCode, strings.TrimSpace(string(b))}
+	}
+	long, short := make(chan result, 1), make(chan result, 1)
+	go get("/long", long)
+	go get("/short", short)
+	<-entered
+	<-entered
+	start := time.Now()
+	g.Stop(5 * time.Second)
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("stop took %v: the short call should end it well before the wait", took)
+	}
+	if r := <-long; r.code != http.StatusServiceUnavailable || r.body != "stopping" {
+		t.Errorf("long request: %d %q", r.code, r.body)
+	}
+	if r := <-short; r.code != http.StatusOK || r.body != "done" {
+		t.Errorf("short request in flight: %d %q, want 200 done with its context intact", r.code, r.body)
+	}
+	if Stopping(context.Background()) != nil {
+		t.Error("Stopping of a context no server serves is not nil")
+	}
 }

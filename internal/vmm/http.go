@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -493,6 +492,12 @@ func (v *VMM) start(ctx context.Context, req api.StartRequest) (api.Process, err
 		if !targeted {
 			select {
 			case <-pl.ready:
+			case <-rest.Stopping(ctx):
+				// Nothing was started: the client may well try again.
+				v.post(func(s *state) { s.release(pl) })
+				e := rest.Errorf(rest.Unavailable, "stopping", "the VMM is stopping; no process was started")
+				e.RetryAfter = 1
+				return api.Process{}, e
 			case <-ctx.Done():
 				v.post(func(s *state) { s.release(pl) })
 				return api.Process{}, rest.Errorf(rest.Timeout, api.CodeTimeout, "no machine of fleet %q became ready in time", req.Fleet)
@@ -589,11 +594,12 @@ func (v *VMM) waitReady(ctx context.Context, p api.Process) (api.Process, error)
 			return got, nil
 		}
 		return got, rest.Errorf(rest.Conflict, "not_ready", "process %s ended %s before it was ready", p.ID, got.State)
+	case <-rest.Stopping(ctx):
+		// The process exists and keeps starting: the documented 504, not
+		// a 503 that a client would retry with a second process.
+		return p, rest.Errorf(rest.Timeout, api.CodeTimeout, "the VMM is stopping before process %s was ready; it keeps starting (GET /v1/processes/%s)", p.ID, p.ID)
 	case <-ctx.Done():
-		if !errors.Is(ctx.Err(), context.DeadlineExceeded) { // the VMM is stopping (or the client left)
-			return p, rest.Errorf(rest.Unavailable, "stopping", "the VMM is stopping; process %s keeps starting", p.ID)
-		}
-		return p, rest.Errorf(rest.Timeout, api.CodeTimeout, "process %s was not ready in time; it keeps starting", p.ID)
+		return p, rest.Errorf(rest.Timeout, api.CodeTimeout, "process %s was not ready in time; it keeps starting (GET /v1/processes/%s)", p.ID, p.ID)
 	}
 }
 
@@ -703,7 +709,9 @@ func (v *VMM) getLogs(w http.ResponseWriter, r *http.Request) {
 		rest.WriteError(w, rest.Errorf(rest.Unavailable, "machine_unreachable", "process %s has no reachable machine", p.ID))
 		return
 	}
-	req, _ := http.NewRequestWithContext(r.Context(), http.MethodGet, url+"/v1/processes/"+p.ID+"/logs?"+q.Encode(), nil)
+	ctx, cancel := rest.UntilStop(r.Context()) // a followed log ends when the VMM stops
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/v1/processes/"+p.ID+"/logs?"+q.Encode(), nil)
 	req.Header.Set("Authorization", "Bearer "+token)
 	resp, err := (&http.Client{Transport: v.lspm.Transport}).Do(req) // no timeout: a followed log streams
 	if err != nil {

@@ -123,3 +123,32 @@ func zombiesOf(t *testing.T, uid int) []int {
 	}
 	return out
 }
+
+// BenchmarkSweepUsers: what a game's end costs the LSPM with --game-uids
+// (one user, nothing left running: one kill(-1) and one read of /proc),
+// and the sweep of a whole 1,000-user range at start.
+//
+//	go test ./internal/lspm -run '^$' -bench SweepUsers -count 5
+func BenchmarkSweepUsers(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("sweeping a user needs root")
+	}
+	b.Run("one", func(b *testing.B) {
+		for b.Loop() {
+			if len(sweepUsers(700000500)) != 0 {
+				b.Fatal("dirty")
+			}
+		}
+	})
+	b.Run("range1000", func(b *testing.B) {
+		uids := make([]int, 1000)
+		for i := range uids {
+			uids[i] = 700001000 + i
+		}
+		for b.Loop() {
+			if len(sweepUsers(uids...)) != 0 {
+				b.Fatal("dirty")
+			}
+		}
+	})
+}

@@ -361,7 +361,8 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		_ = os.RemoveAll(plan.dir)
 		// The shim may have started the game before it failed.
 		clean := plan.uid == 0 || len(sweepUsers(plan.uid)) == 0
-		if clean && plan.home != "" {
+		if clean && plan.uid != 0 {
+			removeUserLeftovers(map[int]bool{plan.uid: true})
 			_ = os.RemoveAll(plan.home)
 		}
 		a.post(func(t *table) {
@@ -513,8 +514,11 @@ func (a *Agent) finish(id, dir string, l launched) {
 	// The game's user goes back to the pool with the end, so nothing may
 	// run as it any more: the shim swept it, but a shim can be killed.
 	clean := l.uid == 0 || len(sweepUsers(l.uid)) == 0
-	if clean && l.home != "" {
-		_ = os.RemoveAll(l.home) // nothing of the user runs that could race it
+	if clean && l.uid != 0 {
+		// Nothing of the user runs that could race it. (The home is the
+		// user's, so it goes too.)
+		removeUserLeftovers(map[int]bool{l.uid: true})
+		_ = os.RemoveAll(l.home)
 	}
 	a.post(func(t *table) {
 		if !clean {

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -159,4 +160,85 @@ func usersOf(pid int) []int {
 		}
 	}
 	return out
+}
+
+// removeUserLeftovers removes what games' users left where every user can
+// write, so that the next game given a user finds nothing of the last
+// one: files and directories a user owns at the top of $TMPDIR (or /tmp),
+// /dev/shm (POSIX shared memory) and /dev/mqueue (POSIX message queues),
+// and System V shared memory, semaphores and message queues the user owns
+// or created. It runs only for users sweepUsers emptied, so nothing of
+// theirs can race the removal.
+func removeUserLeftovers(uids map[int]bool) {
+	delete(uids, 0)
+	if len(uids) == 0 {
+		return
+	}
+	for _, dir := range []string{os.TempDir(), "/dev/shm", "/dev/mqueue"} {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			path := dir + "/" + e.Name()
+			var st unix.Stat_t
+			if unix.Lstat(path, &st) != nil || !uids[int(st.Uid)] {
+				continue
+			}
+			if err := os.RemoveAll(path); err != nil { // never follows a link
+				fmt.Fprintf(os.Stderr, "remove game user %d's %s: %v\n", st.Uid, path, err)
+			}
+		}
+	}
+	for _, k := range []struct {
+		table string
+		rmid  func(id int) error
+	}{
+		{"shm", func(id int) error { _, err := unix.SysvShmCtl(id, unix.IPC_RMID, nil); return err }},
+		{"sem", func(id int) error { return ipcRmid(unix.SYS_SEMCTL, id, 0, unix.IPC_RMID) }},
+		{"msg", func(id int) error { return ipcRmid(unix.SYS_MSGCTL, id, unix.IPC_RMID, 0) }},
+	} {
+		for _, id := range sysvIPCOf(k.table, uids) {
+			if err := k.rmid(id); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EIDRM) {
+				fmt.Fprintf(os.Stderr, "remove a game user's System V %s %d: %v\n", k.table, id, err)
+			}
+		}
+	}
+}
+
+func ipcRmid(trap uintptr, id int, a, b int) error {
+	if _, _, e := unix.Syscall(trap, uintptr(id), uintptr(a), uintptr(b)); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// sysvIPCOf lists the ids in /proc/sysvipc/<table> (shm, sem or msg) that
+// one of uids owns or created. The columns are found by the header's names.
+func sysvIPCOf(table string, uids map[int]bool) []int {
+	raw, err := os.ReadFile("/proc/sysvipc/" + table)
+	if err != nil {
+		return nil
+	}
+	lines := strings.Split(string(raw), "\n")
+	head := strings.Fields(lines[0])
+	col := func(name string) int { return slices.Index(head, name) }
+	idCol, uidCol, cuidCol := 1, col("uid"), col("cuid")
+	if uidCol < 0 || cuidCol < 0 {
+		return nil
+	}
+	var ids []int
+	for _, line := range lines[1:] {
+		f := strings.Fields(line)
+		if len(f) <= max(uidCol, cuidCol) {
+			continue
+		}
+		id, err := strconv.Atoi(f[idCol])
+		owner, err1 := strconv.Atoi(f[uidCol])
+		creator, err2 := strconv.Atoi(f[cuidCol])
+		if err == nil && (err1 == nil && uids[owner] || err2 == nil && uids[creator]) {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }

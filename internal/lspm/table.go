@@ -376,9 +376,9 @@ func (t *table) allocUID() (int, bool) {
 }
 
 // sweepFreeUIDs runs at start, before any game is spawned: every user of
-// --game-uids that no adopted game holds is swept, as a previous run may
-// have died between a game's end and its sweep, or left a process whose
-// record it could not read. Users are then handed out after the highest
+// --game-uids that no adopted game holds is swept, and what it left in
+// shared places removed, as a previous run may have died between a game's
+// end and its sweep, or left a process whose record it could not read. Users are then handed out after the highest
 // one adopted, so a restart does not bring the just-freed ones back first.
 func (t *table) sweepFreeUIDs(adopted []*proc) {
 	lo, hi := t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax
@@ -399,9 +399,15 @@ func (t *table) sweepFreeUIDs(adopted []*proc) {
 			free = append(free, uid)
 		}
 	}
+	clean := make(map[int]bool, len(free))
+	for _, uid := range free {
+		clean[uid] = true
+	}
 	for _, uid := range sweepUsers(free...) {
 		t.markDirtyUID(uid)
+		delete(clean, uid)
 	}
+	removeUserLeftovers(clean)
 	t.nextUID = (top + 1) % (hi - lo + 1)
 }
 

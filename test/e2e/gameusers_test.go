@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -68,6 +69,32 @@ func TestGameUsersIsolateGames(t *testing.T) {
 			t.Fatalf("the ended game's home %s is still there", home)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+
+	// What a game leaves where every user can write is gone before its user
+	// is another game's: files in /tmp and /dev/shm, System V IPC.
+	litter := l.spawn(t, sh(`u=$(id -u); mkdir /tmp/litter.$u && touch /tmp/litter.$u/f /tmp/litter-file.$u /dev/shm/litter.$u &&
+ipcmk -M 4096 >/dev/null && ipcmk -S 1 >/dev/null && ipcmk -Q >/dev/null && echo littered=$u`))
+	l.waitState(t, litter.ID, 10*time.Second, api.StateExited)
+	out = l.waitLog(t, litter.ID, "littered=", 5*time.Second)
+	luid := strings.TrimSpace(out[strings.Index(out, "littered=")+len("littered="):])
+	for _, path := range []string{"/tmp/litter." + luid, "/tmp/litter-file." + luid, "/dev/shm/litter." + luid} {
+		if _, err := os.Lstat(path); !os.IsNotExist(err) {
+			t.Errorf("%s is left after its game ended (%v)", path, err)
+		}
+	}
+	for _, table := range []string{"shm", "sem", "msg"} {
+		raw, err := os.ReadFile("/proc/sysvipc/" + table)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(string(raw), "\n")
+		col := slices.Index(strings.Fields(lines[0]), "uid")
+		for _, line := range lines[1:] {
+			if f := strings.Fields(line); len(f) > col && f[col] == luid {
+				t.Errorf("System V %s of the ended game's user is left: %s", table, line)
+			}
+		}
 	}
 
 	// A daemon in a session of its own, left behind when its game exits

@@ -36,10 +36,10 @@ func needQEMU(t testing.TB) {
 }
 
 // qemuImage builds the echo example (static, as the e2e binaries are),
-// with test/guestprobe beside it, into a qemu image with "dedi image
-// build", as a studio would, and returns its reference and size (kernel +
-// initramfs).
-func qemuImage(t testing.TB) (ref string, size int64) {
+// and test/guestprobe beside it if probe, into a qemu image with "dedi
+// image build", as a studio would, and returns its reference and size
+// (kernel + initramfs).
+func qemuImage(t testing.TB, probe bool) (ref string, size int64) {
 	t.Helper()
 	build, out := t.TempDir(), t.TempDir()
 	raw, err := os.ReadFile(echoBin)
@@ -49,11 +49,13 @@ func qemuImage(t testing.TB) (ref string, size int64) {
 	if err := os.WriteFile(filepath.Join(build, "echo"), raw, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if raw, err = os.ReadFile(probeBin); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(build, "guestprobe"), raw, 0o755); err != nil {
-		t.Fatal(err)
+	if probe {
+		if raw, err = os.ReadFile(probeBin); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(build, "guestprobe"), raw, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// The dedi put in the image is this dedi (its default --dedi).
 	cmd := exec.Command(dediBin, "image", "build", "--format", "qemu", "--name", "echo", "--out", out, build, "--", "echo")
@@ -158,7 +160,7 @@ func qemuFleet(t testing.TB, v *vmmProc, name, ref string, ports []string, idle 
 func TestQEMUFleet(t *testing.T) {
 	needQEMU(t)
 	t.Parallel()
-	ref, _ := qemuImage(t)
+	ref, _ := qemuImage(t, true)
 	v := qemuVMM(t, 180, 42100)
 	qemuFleet(t, v, "vm-echo", ref, []string{"game"}, 2)
 	qemuFleet(t, v, "vm-crash", ref, []string{"game"}, 2, "/opt/game/guestprobe")
@@ -252,7 +254,7 @@ func TestQEMUFleet(t *testing.T) {
 //	go test ./test/e2e -run '^$' -bench ColdStartQEMU -benchtime 5x -count 1
 func BenchmarkColdStartQEMU(b *testing.B) {
 	needQEMU(b)
-	ref, size := qemuImage(b)
+	ref, size := qemuImage(b, false)
 	v := qemuVMM(b, 185, 42150)
 	qemuFleet(b, v, "cold-qemu", ref, []string{"game"}, 3600)
 	v.fleet(b, api.Fleet{Name: "cold-local", Scaling: api.Scaling{MaxMachines: 2, IdleShutdownSeconds: 3600}})

@@ -72,6 +72,14 @@ func bootGuest(log *slog.Logger) (image.GuestConfig, error) {
 			return cfg, fmt.Errorf("mount %s: %w", m.dir, err)
 		}
 	}
+	// POSIX shared memory, as on any Linux host (the LSPM removes what a
+	// game leaves there; it mounts /dev/mqueue itself).
+	if err := os.MkdirAll("/dev/shm", 0o755); err != nil {
+		return cfg, err
+	}
+	if err := unix.Mount("tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777"); err != nil && !errors.Is(err, unix.EBUSY) {
+		return cfg, fmt.Errorf("mount /dev/shm: %w", err)
+	}
 	// The root of an initramfs is world-writable: a game of its own user
 	// could plant /usr, /etc or /lib there for the next process to trust.
 	if err := os.Chmod("/", 0o755); err != nil {
@@ -196,9 +204,9 @@ func upNetwork(cfg image.GuestConfig, log *slog.Logger) error {
 const guestShimPoolIdle = 2 * time.Second
 
 // guestGameUIDs are the users the guest's LSPM runs its games as, one
-// each (--game-uids): as many as a machine can hold processes
-// (processesPerMachine is at most 1000).
-const guestGameUIDs = "100000-100999"
+// each (--game-uids), after the first, its sweeper: as many as a machine
+// can hold processes (processesPerMachine is at most 1000).
+const guestGameUIDs = "100000-101000"
 
 // lspmArgs is the LSPM's command line: everything but the token, which
 // goes in its environment.

@@ -32,7 +32,7 @@ func runLSPM(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.ReportInterval, "report-interval", 0, "status report period (default 2s)")
 	fs.IntVar(&cfg.MaxProcesses, "max-processes", 4, "live processes this machine takes")
 	fs.StringVar(&portRange, "port-range", "30000-30999", "ports handed to processes, MIN-MAX")
-	fs.StringVar(&gameUIDs, "game-uids", "", "run each game server as a user and group of its own from MIN-MAX, e.g. 700000000-700000999 (no user, group or subordinate id of the system may be in it), so that no game can signal or read another (needs root; default: the LSPM's user)")
+	fs.StringVar(&gameUIDs, "game-uids", "", "run each game server as a user and group of its own from MIN+1-MAX (MIN is the LSPM's sweeper), e.g. 2000000000-2000000999 (no user, group or subordinate id of the system may be in it), so that no game can signal or read another (needs root; default: the LSPM's user)")
 	fs.StringVar(&cfg.Address, "address", "", "address game clients use to reach this machine (default: the listen host)")
 	fs.StringVar(&cfg.SDKURL, "sdk-url", "", "LSPM URL given to processes (default: from --listen)")
 	fs.Var(&allow, "allow", "executable a spawn may name, PATH[=SHA256] (repeatable)")

@@ -136,6 +136,11 @@ func New(cfg Config, log *slog.Logger, clk clock.Clock) (*Agent, error) {
 	if a.sdkURL == "" {
 		a.sdkURL = "http://" + net.JoinHostPort(sdkHost, port)
 	}
+	if cfg.GameUIDMin != 0 {
+		if err := mountMqueue(); err != nil {
+			a.log.Warn("POSIX message queues a game leaves cannot be found, so they outlive it", "err", err)
+		}
+	}
 	if a.adopted, err = a.table.load(); err != nil {
 		ln.Close()
 		lock.Close()
@@ -360,10 +365,10 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		}
 		_ = os.RemoveAll(plan.dir)
 		// The shim may have started the game before it failed.
-		clean := plan.uid == 0 || len(sweepUsers(plan.uid)) == 0
+		clean := plan.uid == 0 || len(sweepUsers(a.cfg.GameUIDMin, plan.uid)) == 0
 		if clean && plan.uid != 0 {
 			removeUserLeftovers(map[int]bool{plan.uid: true})
-			_ = os.RemoveAll(plan.home)
+			removeGameHome(plan.home, plan.uid)
 		}
 		a.post(func(t *table) {
 			if !clean {
@@ -451,22 +456,39 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 		return launched{}, err
 	}
 	l, err := sh.run(shimSpec{ProcDir: plan.dir, Argv: full, Env: env, Dir: filepath.Dir(exe), LogMaxBytes: a.cfg.LogMaxBytes,
-		Record: plan.record, UID: plan.uid})
+		Record: plan.record, UID: plan.uid, SweeperUID: a.cfg.GameUIDMin})
 	l.uid, l.home = plan.uid, plan.home
 	return l, err
 }
 
 // makeGameHome creates a game's own HOME, 0700 and its user's. Mkdir
-// fails on anything already there, a link included.
+// fails on anything already there, a link included, and the directory is
+// given away through a descriptor that cannot have followed a link.
 func makeGameHome(dir string, uid int) error {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return fmt.Errorf("create the game's home: %w", err)
 	}
-	if err := os.Chown(dir, uid, uid); err != nil {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err == nil {
+		err = unix.Fchown(fd, uid, uid)
+		unix.Close(fd)
+	}
+	if err != nil {
 		_ = os.Remove(dir)
 		return fmt.Errorf("give the game its home: %w", err)
 	}
 	return nil
+}
+
+// removeGameHome removes a game's HOME if it is still the directory of the
+// game's user that makeGameHome made (removeUserLeftovers usually took it
+// already).
+func removeGameHome(dir string, uid int) {
+	var st unix.Stat_t
+	if dir == "" || unix.Lstat(dir, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != uid {
+		return
+	}
+	_ = os.RemoveAll(dir) // never follows a link
 }
 
 func derefHealth(h *api.Health) api.Health {
@@ -513,12 +535,12 @@ func (a *Agent) finish(id, dir string, l launched) {
 	tail := capLines(tailLines(filepath.Join(dir, logFile), 50))
 	// The game's user goes back to the pool with the end, so nothing may
 	// run as it any more: the shim swept it, but a shim can be killed.
-	clean := l.uid == 0 || len(sweepUsers(l.uid)) == 0
+	clean := l.uid == 0 || len(sweepUsers(a.cfg.GameUIDMin, l.uid)) == 0
 	if clean && l.uid != 0 {
 		// Nothing of the user runs that could race it. (The home is the
 		// user's, so it goes too.)
 		removeUserLeftovers(map[int]bool{l.uid: true})
-		_ = os.RemoveAll(l.home)
+		removeGameHome(l.home, l.uid)
 	}
 	a.post(func(t *table) {
 		if !clean {

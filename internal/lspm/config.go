@@ -37,10 +37,12 @@ type Config struct {
 	// PortMin and PortMax bound the ports handed to processes.
 	PortMin, PortMax int
 	// GameUIDMin and GameUIDMax, when set (--game-uids), give each live
-	// game server a user and group of its own from this range, so that it
-	// can neither signal, trace nor read another game's process (its
-	// environment holds that game's token). It needs an LSPM run as root.
-	// Zero: games run as the LSPM's user.
+	// game server a user and group of its own from GameUIDMin+1 to
+	// GameUIDMax, so that it can neither signal, trace nor read another
+	// game's process (its environment holds that game's token). GameUIDMin
+	// itself is the LSPM's, for sweeping a game's user (sweepUsers); no
+	// process runs as it. It needs an LSPM run as root. Zero: games run as
+	// the LSPM's user.
 	GameUIDMin, GameUIDMax int
 	// Address is the address game clients use to reach this machine's
 	// processes (the process object's "address"); default the listen host.
@@ -137,17 +139,39 @@ func ParseUIDRange(s string) (int, int, error) {
 	return min, max, nil
 }
 
-// systemd hands the users 61184-65519 to services of its own (DynamicUser=).
-const dynamicUserMin, dynamicUserMax = 61184, 65519
+// gameUIDs returns the first user given to games and how many there are:
+// --game-uids without its first user, the LSPM's sweeper (none when unset).
+func (c Config) gameUIDs() (first, n int) {
+	if c.GameUIDMin == 0 {
+		return 0, 0
+	}
+	return c.GameUIDMin + 1, c.GameUIDMax - c.GameUIDMin
+}
+
+// systemdRanges are the users systemd hands out by itself, which no file
+// in /etc lists (systemd's "Users, Groups, UIDs and GIDs on systemd
+// systems").
+var systemdRanges = []struct {
+	lo, hi int
+	what   string
+}{
+	{60001, 60513, "systemd-homed users"},
+	{61184, 65519, "systemd's dynamic users (DynamicUser=)"},
+	{524288, 1879048191, "systemd-nspawn's container users (--private-users=pick)"},
+	{2147352576, 2147418111, "systemd's foreign users"},
+}
 
 // uidRangeFree refuses a --game-uids range that holds a user or group the
 // system has (etc/passwd, etc/group), subordinate ids given to a user for
-// containers (etc/subuid, etc/subgid), or systemd's dynamic users: the LSPM
-// kills every process of a game's user, and a game must not get anyone's
-// files. A missing file holds nothing (a VM's initramfs has none).
+// containers (etc/subuid, etc/subgid), or users systemd hands out: the
+// LSPM kills every process of a game's user, and a game must not get
+// anyone's files. A missing file holds nothing (a VM's initramfs has
+// none). Users only a directory service knows (LDAP, NSS) are not seen.
 func uidRangeFree(lo, hi int, etc string) error {
-	if lo <= dynamicUserMax && dynamicUserMin <= hi {
-		return fmt.Errorf("overlaps systemd's dynamic users %d-%d", dynamicUserMin, dynamicUserMax)
+	for _, r := range systemdRanges {
+		if lo <= r.hi && r.lo <= hi {
+			return fmt.Errorf("overlaps %d-%d, %s", r.lo, r.hi, r.what)
+		}
 	}
 	for _, name := range []string{"passwd", "group"} {
 		raw, err := os.ReadFile(filepath.Join(etc, name))
@@ -252,8 +276,8 @@ func (c Config) Validate() error {
 		if _, _, err := ParseUIDRange(fmt.Sprintf("%d-%d", c.GameUIDMin, c.GameUIDMax)); err != nil {
 			return fmt.Errorf("--game-uids: %w", err)
 		}
-		if n := c.GameUIDMax - c.GameUIDMin + 1; n < c.MaxProcesses {
-			return fmt.Errorf("--game-uids %d-%d holds %d users, fewer than --max-processes %d", c.GameUIDMin, c.GameUIDMax, n, c.MaxProcesses)
+		if n := c.GameUIDMax - c.GameUIDMin; n < c.MaxProcesses {
+			return fmt.Errorf("--game-uids %d-%d holds %d users for games (the first is the LSPM's), fewer than --max-processes %d", c.GameUIDMin, c.GameUIDMax, n, c.MaxProcesses)
 		}
 		if os.Geteuid() != 0 {
 			return errors.New("--game-uids needs the LSPM to run as root, to start each game as its own user")

@@ -50,7 +50,8 @@ type shimSpec struct {
 	Env         []string `json:"env"`
 	Dir         string   `json:"dir"`
 	LogMaxBytes int64    `json:"logMaxBytes"`
-	UID         int      `json:"uid,omitempty"` // the game's own user and group (--game-uids); 0: the shim's
+	UID         int      `json:"uid,omitempty"`        // the game's own user and group (--game-uids); 0: the shim's
+	SweeperUID  int      `json:"sweeperUid,omitempty"` // with UID: the user sweepUsers takes as its real one
 	// Record is the process's record; the shim adds the pids and writes it
 	// before it answers.
 	Record json.RawMessage `json:"record,omitempty"`
@@ -233,7 +234,7 @@ func RunShim() int {
 		// What the game left outside its group (a daemon of its own
 		// session) dies now; the LSPM sweeps again before the user is
 		// given to another game, in case this shim is killed first.
-		sweepUsers(spec.UID)
+		sweepUsers(spec.SweeperUID, spec.UID)
 	}
 	rec := exitRecord{PID: pid, At: time.Now().UTC()}
 	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {

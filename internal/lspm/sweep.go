@@ -20,95 +20,128 @@ import (
 const sweepWait = 2 * time.Second
 
 // sweepUsers kills every process that runs as each of uids (--game-uids)
-// and returns the users it could not confirm empty. It must run as root.
+// and returns the users it could not confirm empty. It must run as root;
+// sweeper is a user no process runs as (the first of --game-uids).
 //
 // A scan of /proc that kills what it finds can be outrun: a process that
 // forks and exits without pause always has a child the scan has not seen
-// yet. So the sweep asks the kernel instead. One thread of this process
-// takes the game's user as its real and effective user (root stays only as
-// its saved user, so the thread holds no capability meanwhile) and calls
-// kill(-1, SIGKILL): the kernel signals every process that user may signal,
-// which is every process of the user, under the lock that fork takes too.
-// A process forked after that call fails to start (its parent has a fatal
-// signal pending), so one call dooms them all; the sweep then reads /proc,
-// once for all the users, until none of them runs (and kills again
-// meanwhile, to be sure).
+// yet. So the sweep asks the kernel instead. A thread of this process takes
+// the game's user as its effective user, sweeper as its real one and root
+// as its saved one (so it holds no capability meanwhile), and calls
+// kill(-1, SIGKILL): the kernel signals every process whose real or saved
+// user is the thread's effective one, which is every process of the game's
+// user, under the lock fork takes too. A process forked after that call
+// fails to start (its parent has a fatal signal pending), so one call dooms
+// them all; the sweep then reads /proc, as root and once for all the
+// users, until none of them runs (and kills again meanwhile).
 //
-// Credentials are per thread in the kernel, so the change is made with a
-// raw syscall on a thread locked to this goroutine: no other goroutine runs
-// there meanwhile, and the runtime starts new threads from a clean one. If
-// root cannot be taken back, the thread is not unlocked and ends with the
-// goroutine.
-func sweepUsers(uids ...int) []int {
+// The game's user must not be able to signal that thread meanwhile (a
+// SIGSTOP would freeze the LSPM): the kernel lets a process signal another
+// when its real or effective user is the other's real or saved one, and
+// the thread's are sweeper and root, which no game runs as. What a game can
+// still do to the thread while it holds the game's user as effective one
+// (renice it, pin it) dies with it: credentials are per thread in the
+// kernel, so each round runs on a thread locked to a goroutine of its own,
+// changed with raw syscalls, and never given back to the runtime (it ends
+// with its goroutine; the runtime starts new threads from a clean one).
+func sweepUsers(sweeper int, uids ...int) []int {
 	want := make(map[int]bool, len(uids))
 	for _, uid := range uids {
-		if uid > 0 { // never root: kill(-1) as root is every process
+		if uid > 0 && uid != sweeper { // never root: kill(-1) as root is every process
 			want[uid] = true
 		}
 	}
 	if len(want) == 0 {
 		return nil
 	}
+	if sweeper <= 0 {
+		fmt.Fprintf(os.Stderr, "sweep: no sweeper user\n")
+		return slices.Sorted(maps.Keys(want))
+	}
 	var dirty []int
+	deadline := time.Now().Add(sweepWait)
+	pause := 500 * time.Microsecond
+	for {
+		for _, uid := range killRound(sweeper, slices.Sorted(maps.Keys(want))) {
+			dirty = append(dirty, uid)
+			delete(want, uid)
+		}
+		// One kill(-1) dooms every process of the user; the loop only
+		// waits for them to be gone.
+		want = liveUsers(want)
+		if len(want) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			for uid := range want {
+				fmt.Fprintf(os.Stderr, "sweep: processes of user %d still run %v after SIGKILL\n", uid, sweepWait)
+				dirty = append(dirty, uid)
+			}
+			break
+		}
+		time.Sleep(pause)
+		pause = min(2*pause, 50*time.Millisecond)
+	}
+	slices.Sort(dirty)
+	return dirty
+}
+
+// killRound calls kill(-1, SIGKILL) as each of uids from a thread of its
+// own, which then ends, and returns the users it could not take.
+func killRound(sweeper int, uids []int) (failed []int) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		runtime.LockOSThread()
-		deadline := time.Now().Add(sweepWait)
-		pause := 500 * time.Microsecond
-		for {
-			for uid := range want {
-				if err := killAllAs(uid); errors.Is(err, errStuck) {
-					// Stuck as the game's user: let the thread die with
-					// this goroutine (no unlock).
-					fmt.Fprintf(os.Stderr, "sweep: %v\n", err)
-					dirty = slices.Collect(maps.Keys(want))
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		for i, uid := range uids {
+			if err := killAllAs(sweeper, uid); err != nil {
+				fmt.Fprintf(os.Stderr, "sweep: %v\n", err)
+				if errors.Is(err, errStuck) {
+					failed = append(failed, uids[i:]...)
 					return
-				} else if err != nil {
-					fmt.Fprintf(os.Stderr, "sweep: %v\n", err)
-					dirty = append(dirty, uid)
-					delete(want, uid)
 				}
+				failed = append(failed, uid)
 			}
-			// One kill(-1) dooms every process of the user; the loop only
-			// waits for them to be gone.
-			want = liveUsers(want)
-			if len(want) == 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				for uid := range want {
-					fmt.Fprintf(os.Stderr, "sweep: processes of user %d still run %v after SIGKILL\n", uid, sweepWait)
-					dirty = append(dirty, uid)
-				}
-				break
-			}
-			time.Sleep(pause)
-			pause = min(2*pause, 50*time.Millisecond)
 		}
-		runtime.UnlockOSThread()
 	}()
 	<-done
-	slices.Sort(dirty)
-	return dirty
+	return failed
 }
 
 // errStuck is killAllAs failing to take root back.
 var errStuck = errors.New("cannot take root back after a sweep")
 
-// killAllAs calls kill(-1, SIGKILL) as uid from the calling thread, which
-// must be locked to its goroutine. (kill(-1) answers ESRCH only when there
-// is no other process at all, so its answer tells nothing about uid.)
-func killAllAs(uid int) error {
-	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), 0); e != 0 {
-		return fmt.Errorf("setresuid %d: %w", uid, e)
+// killAllAs calls kill(-1, SIGKILL) as uid (its effective user, with
+// sweeper as the real one) from the calling thread, which must be locked
+// to its goroutine. (kill(-1) answers ESRCH only when there is no other
+// process at all, so its answer tells nothing about uid.)
+func killAllAs(sweeper, uid int) error {
+	if err := becomeSweeper(sweeper, uid); err != nil {
+		return err
 	}
 	_, _, kerr := unix.RawSyscall(unix.SYS_KILL, ^uintptr(0), uintptr(unix.SIGKILL), 0)
-	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, 0, 0); e != 0 {
-		return fmt.Errorf("%w: %v", errStuck, e)
+	if err := backToRoot(); err != nil {
+		return err
 	}
 	if kerr != 0 && kerr != unix.ESRCH {
 		return fmt.Errorf("kill(-1) as user %d: %w", uid, kerr)
+	}
+	return nil
+}
+
+// becomeSweeper sets the calling thread's users to real sweeper, effective
+// uid, saved root.
+func becomeSweeper(sweeper, uid int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(sweeper), uintptr(uid), 0); e != 0 {
+		return fmt.Errorf("setresuid %d %d 0: %w", sweeper, uid, e)
+	}
+	return nil
+}
+
+// backToRoot gives the calling thread root back (its saved user).
+func backToRoot() error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, 0, 0); e != 0 {
+		return fmt.Errorf("%w: %v", errStuck, e)
 	}
 	return nil
 }
@@ -162,10 +195,37 @@ func usersOf(pid int) []int {
 	return out
 }
 
+// sharedDirs are where every user may write, besides $TMPDIR: a game's
+// user may leave files there, POSIX shared memory (/dev/shm) and POSIX
+// message queues (/dev/mqueue, see mountMqueue).
+var sharedDirs = []string{"/tmp", "/var/tmp", "/run/lock", "/dev/shm", mqueueDir}
+
+// mqueueDir is where the POSIX message queues are listed.
+const mqueueDir = "/dev/mqueue"
+
+// mountMqueue makes sure the POSIX message queues are listed in
+// mqueueDir, mounting the file system there if nothing is (systemd does on
+// most hosts; a VM's init or a bare container may not): a game can create
+// queues without it, and they could not be found to be removed.
+func mountMqueue() error {
+	const mqueueMagic = 0x19800202
+	var fs unix.Statfs_t
+	if unix.Statfs(mqueueDir, &fs) == nil && fs.Type == mqueueMagic {
+		return nil
+	}
+	if err := os.MkdirAll(mqueueDir, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("mqueue", mqueueDir, "mqueue", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("mount mqueue on %s: %w", mqueueDir, err)
+	}
+	return nil
+}
+
 // removeUserLeftovers removes what games' users left where every user can
 // write, so that the next game given a user finds nothing of the last
-// one: files and directories a user owns at the top of $TMPDIR (or /tmp),
-// /dev/shm (POSIX shared memory) and /dev/mqueue (POSIX message queues),
+// one: files and directories a user owns at the top of $TMPDIR and
+// sharedDirs,
 // and System V shared memory, semaphores and message queues the user owns
 // or created. It runs only for users sweepUsers emptied, so nothing of
 // theirs can race the removal.
@@ -174,7 +234,13 @@ func removeUserLeftovers(uids map[int]bool) {
 	if len(uids) == 0 {
 		return
 	}
-	for _, dir := range []string{os.TempDir(), "/dev/shm", "/dev/mqueue"} {
+	dirs := []string{os.TempDir()}
+	for _, d := range sharedDirs {
+		if !slices.Contains(dirs, d) {
+			dirs = append(dirs, d)
+		}
+	}
+	for _, dir := range dirs {
 		ents, err := os.ReadDir(dir)
 		if err != nil {
 			continue

@@ -2,12 +2,19 @@ package lspm
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // A process that forks and exits without pause, each generation in a
@@ -17,7 +24,7 @@ func TestSweepUsersKillsForkHopper(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("sweeping a user needs root; these tests run as user %d", os.Geteuid())
 	}
-	const uid = 700000390
+	const sweeper, uid = 2000000389, 2000000390
 	// Each generation starts the next one, detached, and exits at once.
 	hop := `setsid -f sh -c "$HOP" </dev/null >/dev/null 2>&1; exit 0`
 	for range 3 { // three chains of hoppers at once
@@ -35,7 +42,7 @@ func TestSweepUsersKillsForkHopper(t *testing.T) {
 		// Whatever the outcome, nothing of the test may outlive it.
 		deadline := time.Now().Add(5 * time.Second)
 		for anyRunsAs(uid) && time.Now().Before(deadline) {
-			sweepUsers(uid)
+			sweepUsers(sweeper, uid)
 		}
 	})
 	// A scan of /proc rarely catches a hopper between two forks, so the
@@ -49,7 +56,7 @@ func TestSweepUsersKillsForkHopper(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 
-	if dirty := sweepUsers(uid); len(dirty) != 0 {
+	if dirty := sweepUsers(sweeper, uid); len(dirty) != 0 {
 		t.Fatalf("the sweep could not empty user %d", uid)
 	}
 	// Nothing may come back: a survivor would fork its next generation,
@@ -59,42 +66,118 @@ func TestSweepUsersKillsForkHopper(t *testing.T) {
 	if anyRunsAs(uid) || len(zombiesOf(t, uid)) > n {
 		t.Fatalf("a process of user %d survived the sweep", uid)
 	}
-	// The goroutine's thread took root back: the LSPM's own powers are
-	// intact (a root-only call still works from this process).
-	if dirty := sweepUsers(uid); len(dirty) != 0 {
+	if dirty := sweepUsers(sweeper, uid); len(dirty) != 0 {
 		t.Fatal("a second sweep of an empty user failed")
 	}
-	if err := syscall.Setpriority(syscall.PRIO_PROCESS, 0, 0); err != nil {
-		t.Fatalf("root-only call after the sweep: %v", err)
+	// No thread of this process is left with another user than root.
+	threadsAllRoot(t)
+}
+
+// threadsAllRoot fails unless every thread of this process has root as
+// its real, effective, saved and file system user.
+func threadsAllRoot(t *testing.T) {
+	t.Helper()
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		raw, err := os.ReadFile("/proc/self/task/" + task.Name() + "/status")
+		if err != nil {
+			continue // ended meanwhile
+		}
+		_, rest, _ := bytes.Cut(raw, []byte("\nUid:"))
+		line, _, _ := bytes.Cut(rest, []byte("\n"))
+		if f := strings.Fields(string(line)); strings.Join(f, " ") != "0 0 0 0" {
+			t.Errorf("thread %s runs as users %v", task.Name(), f)
+		}
 	}
 }
 
-// The sweep never touches root (kill(-1) as root is every process) nor
-// processes of other users.
+// While a thread sweeps a game's user, that user cannot signal it (a
+// SIGSTOP would freeze the LSPM): the thread's real user is the sweeper
+// and its saved one root, and the kernel lets a process signal another
+// only when its real or effective user is the other's real or saved one.
+// Checked with kill -0 by a process of the game's user against the thread,
+// both with the sweep's users and (to show the check can fail) with the
+// game's user as real one too.
+func TestSweepThreadUnreachableByTheGame(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skipf("sweeping a user needs root; these tests run as user %d", os.Geteuid())
+	}
+	const sweeper, uid = 2000000392, 2000000393
+	for _, c := range []struct {
+		real      int
+		reachable bool
+	}{{sweeper, false}, {uid, true}} {
+		tid := make(chan int)
+		release := make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+			err := becomeSweeper(c.real, uid)
+			tid <- unix.Gettid()
+			if err != nil {
+				done <- err
+				return
+			}
+			<-release
+			done <- backToRoot()
+		}()
+		probe := exec.Command("/bin/sh", "-c", "kill -0 "+strconv.Itoa(<-tid))
+		probe.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
+		out, perr := probe.CombinedOutput()
+		close(release)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if reached := perr == nil; reached != c.reachable {
+			t.Errorf("thread with real user %d, effective %d: the game's user reached it: %v, want %v (%v %s)",
+				c.real, uid, reached, c.reachable, perr, out)
+		}
+	}
+	threadsAllRoot(t)
+}
+
+// A sweep kills the swept user's processes and none of root (kill(-1) as
+// root is every process) nor of another user, all running beside it.
 func TestSweepUsersSparesOthers(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("sweeping a user needs root; these tests run as user %d", os.Geteuid())
 	}
-	other := exec.Command("/bin/sleep", "30")
-	other.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 700000391, Gid: 700000391, Groups: []uint32{}}}
-	if err := other.Start(); err != nil {
-		t.Fatal(err)
+	const sweeper, swept, other = 2000000394, 2000000395, 2000000391
+	start := func(uid int) <-chan error {
+		cmd := exec.Command("/bin/sleep", "30")
+		if uid != 0 {
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), Groups: []uint32{}}}
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited, reaped := make(chan error, 1), make(chan struct{})
+		go func() { exited <- cmd.Wait(); close(reaped) }()
+		t.Cleanup(func() { _ = cmd.Process.Kill(); <-reaped })
+		return exited
 	}
-	t.Cleanup(func() { _ = other.Process.Kill(); _ = other.Wait() })
-	mine := exec.Command("/bin/sleep", "30")
-	if err := mine.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = mine.Process.Kill(); _ = mine.Wait() })
+	victim, others, root := start(swept), start(other), start(0)
 
-	if dirty := sweepUsers(0, 700000392); len(dirty) != 0 {
+	if dirty := sweepUsers(sweeper, 0, swept); len(dirty) != 0 {
 		t.Fatalf("dirty %v", dirty)
 	}
-	time.Sleep(50 * time.Millisecond)
-	for _, c := range []*exec.Cmd{other, mine} {
-		if err := c.Process.Signal(syscall.Signal(0)); err != nil {
-			t.Fatalf("pid %d was killed by a sweep of another user: %v", c.Process.Pid, err)
+	select {
+	case err := <-victim:
+		if ws, ok := err.(*exec.ExitError); !ok || ws.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+			t.Errorf("the swept user's process ended with %v, want SIGKILL", err)
 		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the swept user's process still runs")
+	}
+	select {
+	case err := <-others:
+		t.Fatalf("another user's process was killed: %v", err)
+	case err := <-root:
+		t.Fatalf("a root process was killed: %v", err)
+	case <-time.After(200 * time.Millisecond):
 	}
 }
 
@@ -135,7 +218,7 @@ func BenchmarkSweepUsers(b *testing.B) {
 	}
 	b.Run("one", func(b *testing.B) {
 		for b.Loop() {
-			if len(sweepUsers(700000500)) != 0 {
+			if len(sweepUsers(2000000499, 2000000500)) != 0 {
 				b.Fatal("dirty")
 			}
 		}
@@ -146,9 +229,87 @@ func BenchmarkSweepUsers(b *testing.B) {
 			uids[i] = 700001000 + i
 		}
 		for b.Loop() {
-			if len(sweepUsers(uids...)) != 0 {
+			if len(sweepUsers(2000000999, uids...)) != 0 {
 				b.Fatal("dirty")
 			}
 		}
 	})
+}
+
+// What a game's user leaves where every user can write is removed: files
+// and directories in $TMPDIR, /var/tmp and /dev/shm, POSIX message queues
+// (created here without /dev/mqueue being looked at: mq_open needs no
+// mount), System V IPC. What another user owns there stays.
+func TestRemoveUserLeftovers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skipf("removing a user's files needs root; these tests run as user %d", os.Geteuid())
+	}
+	const uid, other = 2000000396, 2000000397
+	if err := mountMqueue(); err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, dir := range []string{os.TempDir(), "/var/tmp", "/dev/shm"} {
+		if _, err := os.Stat(dir); err != nil {
+			continue
+		}
+		for _, owner := range []int{uid, other} {
+			p := filepath.Join(dir, fmt.Sprintf("dedi-leftover-%d", owner))
+			if err := os.WriteFile(p, []byte("secret of the previous game"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(p, owner, owner); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = os.Remove(p) })
+			paths = append(paths, p)
+		}
+	}
+	queue := fmt.Sprintf("dedi-leftover-%d", uid)
+	mqOpenAs(t, uid, queue, unix.O_CREAT|unix.O_RDWR)
+	t.Cleanup(func() { _ = unix.Unlink(filepath.Join(mqueueDir, queue)) })
+
+	removeUserLeftovers(map[int]bool{uid: true})
+	for _, p := range paths {
+		_, err := os.Lstat(p)
+		if strings.HasSuffix(p, strconv.Itoa(uid)) && !os.IsNotExist(err) {
+			t.Errorf("%s is left (%v)", p, err)
+		}
+		if strings.HasSuffix(p, strconv.Itoa(other)) && err != nil {
+			t.Errorf("another user's %s was removed: %v", p, err)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(mqueueDir, queue)); !os.IsNotExist(err) {
+		t.Errorf("the message queue %s is left (%v)", queue, err)
+	}
+}
+
+// mqOpenAs calls mq_open(2) from a thread whose effective user is uid, so
+// that a queue it creates is uid's.
+func mqOpenAs(t *testing.T, uid int, name string, flags int) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, uintptr(uid), 0); e != 0 {
+			done <- e
+			return
+		}
+		p, err := unix.BytePtrFromString(name)
+		if err == nil {
+			fd, _, e := unix.Syscall6(unix.SYS_MQ_OPEN, uintptr(unsafe.Pointer(p)), uintptr(flags), 0o600, 0, 0, 0)
+			if e != 0 {
+				err = e
+			} else {
+				unix.Close(int(fd))
+			}
+		}
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, 0, 0); e != 0 && err == nil {
+			err = e
+		}
+		done <- err
+	}()
+	if err := <-done; err != nil {
+		t.Fatalf("mq_open %s as user %d: %v", name, uid, err)
+	}
 }

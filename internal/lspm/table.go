@@ -360,7 +360,7 @@ func (t *table) reserve(id string, req api.SpawnRequest, argv []string, tokenHas
 // LSPM has swept every process of the user (finish); a user the sweep
 // could not empty is never handed out again.
 func (t *table) allocUID() (int, bool) {
-	lo, n := t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax-t.a.cfg.GameUIDMin+1
+	lo, n := t.a.cfg.gameUIDs()
 	used := make(map[int]bool, len(t.live))
 	for _, p := range t.live {
 		used[p.uid] = true
@@ -375,26 +375,27 @@ func (t *table) allocUID() (int, bool) {
 	return 0, false
 }
 
-// sweepFreeUIDs runs at start, before any game is spawned: every user of
-// --game-uids that no adopted game holds is swept, and what it left in
+// sweepFreeUIDs runs at start, before any game is spawned: every game user
+// of --game-uids that no adopted game holds is swept, and what it left in
 // shared places removed, as a previous run may have died between a game's
-// end and its sweep, or left a process whose record it could not read. Users are then handed out after the highest
-// one adopted, so a restart does not bring the just-freed ones back first.
+// end and its sweep, or left a process whose record it could not read.
+// Users are then handed out after the highest one adopted, so a restart
+// does not bring the just-freed ones back first.
 func (t *table) sweepFreeUIDs(adopted []*proc) {
-	lo, hi := t.a.cfg.GameUIDMin, t.a.cfg.GameUIDMax
-	if lo == 0 {
+	lo, n := t.a.cfg.gameUIDs()
+	if n == 0 {
 		return
 	}
 	held := map[int]bool{}
 	top := -1
 	for _, p := range adopted {
-		if p.uid >= lo && p.uid <= hi {
+		if p.uid >= lo && p.uid < lo+n {
 			held[p.uid] = true
 			top = max(top, p.uid-lo)
 		}
 	}
-	free := make([]int, 0, hi-lo+1)
-	for uid := lo; uid <= hi; uid++ {
+	free := make([]int, 0, n)
+	for uid := lo; uid < lo+n; uid++ {
 		if !held[uid] {
 			free = append(free, uid)
 		}
@@ -403,12 +404,12 @@ func (t *table) sweepFreeUIDs(adopted []*proc) {
 	for _, uid := range free {
 		clean[uid] = true
 	}
-	for _, uid := range sweepUsers(free...) {
+	for _, uid := range sweepUsers(t.a.cfg.GameUIDMin, free...) {
 		t.markDirtyUID(uid)
 		delete(clean, uid)
 	}
 	removeUserLeftovers(clean)
-	t.nextUID = (top + 1) % (hi - lo + 1)
+	t.nextUID = (top + 1) % n
 }
 
 // markDirtyUID keeps a game user that may still run processes out of

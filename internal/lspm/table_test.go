@@ -234,25 +234,25 @@ func TestSeqRisesAcrossRestart(t *testing.T) {
 // its process's user across an LSPM restart.
 func TestGameUIDsRotate(t *testing.T) {
 	tb, _ := newTestTable(t)
-	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 61000, 61002
+	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 61000, 61003 // 61000: the sweeper
 	p1, _ := spawnIn(t, tb, "p-1", nil)
 	p2, _ := spawnIn(t, tb, "p-2", nil)
-	if p1.uid != 61000 || p2.uid != 61001 {
-		t.Fatalf("users %d and %d, want 61000 and 61001", p1.uid, p2.uid)
+	if p1.uid != 61001 || p2.uid != 61002 {
+		t.Fatalf("users %d and %d, want 61001 and 61002", p1.uid, p2.uid)
 	}
 	var rec record
-	if err := jsonUnmarshal(mustJSON(p1.record()), &rec); err != nil || rec.GameUID != 61000 {
-		t.Fatalf("record's user %d (%v), want 61000", rec.GameUID, err)
+	if err := jsonUnmarshal(mustJSON(p1.record()), &rec); err != nil || rec.GameUID != 61001 {
+		t.Fatalf("record's user %d (%v), want 61001", rec.GameUID, err)
 	}
 	delete(tb.live, "p-1") // as an end does
-	if uid, ok := tb.allocUID(); !ok || uid != 61002 {
-		t.Fatalf("next user %d %v, want 61002: a freed user waits its turn", uid, ok)
+	if uid, ok := tb.allocUID(); !ok || uid != 61003 {
+		t.Fatalf("next user %d %v, want 61003: a freed user waits its turn", uid, ok)
 	}
-	if uid, ok := tb.allocUID(); !ok || uid != 61000 {
-		t.Fatalf("then %d %v, want 61000", uid, ok)
+	if uid, ok := tb.allocUID(); !ok || uid != 61001 {
+		t.Fatalf("then %d %v, want 61001", uid, ok)
 	}
-	tb.live["p-3"] = &proc{uid: 61000}
-	tb.live["p-4"] = &proc{uid: 61002}
+	tb.live["p-3"] = &proc{uid: 61001}
+	tb.live["p-4"] = &proc{uid: 61003}
 	if uid, ok := tb.allocUID(); ok {
 		t.Fatalf("a user %d handed out while all are held", uid)
 	}
@@ -263,27 +263,27 @@ func TestGameUIDsRotate(t *testing.T) {
 // highest one adopted.
 func TestGameUIDsDirtyAndRestart(t *testing.T) {
 	tb, _ := newTestTable(t)
-	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 700000010, 700000013
-	tb.markDirtyUID(700000011)
-	tb.markDirtyUID(700000011) // logged once
+	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 2000000010, 2000000014 // 2000000010: the sweeper
+	tb.markDirtyUID(2000000012)
+	tb.markDirtyUID(2000000012) // logged once
 	a, _ := tb.allocUID()
 	tb.live["p-1"] = &proc{uid: a}
 	b, _ := tb.allocUID()
-	if a != 700000010 || b != 700000012 {
-		t.Fatalf("users %d and %d, want 700000010 and 700000012 (700000011 is dirty)", a, b)
+	if a != 2000000011 || b != 2000000013 {
+		t.Fatalf("users %d and %d, want 2000000011 and 2000000013 (2000000012 is dirty)", a, b)
 	}
 	if os.Geteuid() != 0 {
 		t.Skipf("the sweep at start needs root; these tests run as user %d", os.Geteuid())
 	}
 	left := exec.Command("/bin/sleep", "60") // what a dead LSPM's game left
-	left.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 700000011, Gid: 700000011, Groups: []uint32{}}}
+	left.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 2000000012, Gid: 2000000012, Groups: []uint32{}}}
 	if err := left.Start(); err != nil {
 		t.Fatal(err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- left.Wait() }()
 	tb2 := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
-	tb2.sweepFreeUIDs([]*proc{{uid: 700000012}})
+	tb2.sweepFreeUIDs([]*proc{{uid: 2000000013}})
 	select {
 	case <-exited:
 	case <-time.After(5 * time.Second):
@@ -293,8 +293,8 @@ func TestGameUIDsDirtyAndRestart(t *testing.T) {
 	if len(tb2.dirtyUIDs) != 0 {
 		t.Fatalf("dirty after the sweep: %v", tb2.dirtyUIDs)
 	}
-	if uid, _ := tb2.allocUID(); uid != 700000013 {
-		t.Fatalf("first user after a restart %d, want 700000013 (after the adopted 700000012)", uid)
+	if uid, _ := tb2.allocUID(); uid != 2000000014 {
+		t.Fatalf("first user after a restart %d, want 2000000014 (after the adopted 2000000013)", uid)
 	}
 }
 
@@ -308,11 +308,11 @@ func TestGameUIDsConfig(t *testing.T) {
 		t.Fatalf("ParseUIDRange: %d %d %v", lo, hi, err)
 	}
 	cfg := Config{DataDir: "/d", MachineID: "m", Insecure: true, Listen: "127.0.0.1:0", MaxProcesses: 4,
-		GameUIDMin: 61000, GameUIDMax: 61002}.withDefaults()
+		GameUIDMin: 61000, GameUIDMax: 61003}.withDefaults()
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "fewer than --max-processes") {
-		t.Errorf("3 users for 4 processes: %v", err)
+		t.Errorf("3 game users (and the sweeper) for 4 processes: %v", err)
 	}
-	cfg.GameUIDMax = 61003
+	cfg.GameUIDMax = 61004
 	err := cfg.Validate()
 	if os.Geteuid() == 0 && err != nil {
 		t.Errorf("as root: %v", err)
@@ -349,12 +349,15 @@ func TestGameUIDsRangeFree(t *testing.T) {
 		{365000, 366000, "subgid"},
 		{61000, 61184, "dynamic users"},
 		{65519, 66000, "dynamic users"},
+		{60500, 60600, "homed"},
+		{700000000, 700000999, "nspawn"},
+		{2147352576, 2147352577, "foreign"},
 	} {
 		if err := uidRangeFree(c.lo, c.hi, etc); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%d-%d: %v, want %q", c.lo, c.hi, err, c.want)
 		}
 	}
-	for _, r := range [][2]int{{1001, 4999}, {165536, 299999}, {61000, 61183}, {700000000, 700000999}} {
+	for _, r := range [][2]int{{1001, 4999}, {165536, 299999}, {61000, 61183}, {2000000000, 2000000999}} {
 		if err := uidRangeFree(r[0], r[1], etc); err != nil {
 			t.Errorf("%d-%d: %v", r[0], r[1], err)
 		}

@@ -23,15 +23,15 @@ func TestGameUsersIsolateGames(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
-	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh", "--game-uids", "700000100-700000199"}})
+	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh", "--game-uids", "2000000100-2000000199"}})
 	sh := func(script string) api.SpawnRequest {
 		return api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/sh", "-c", script}}
 	}
 
 	victim := l.spawn(t, sh("exec sleep 600"))
 	vuid := uidOf(t, victim.PID)
-	if vuid < 700000100 || vuid > 700000199 {
-		t.Fatalf("the game runs as user %d, want one of 700000100-700000199", vuid)
+	if vuid < 2000000101 || vuid > 2000000199 {
+		t.Fatalf("the game runs as user %d, want one of 2000000101-2000000199 (2000000100 is the sweeper)", vuid)
 	}
 
 	attacker := l.spawn(t, sh(fmt.Sprintf(
@@ -73,12 +73,15 @@ func TestGameUsersIsolateGames(t *testing.T) {
 
 	// What a game leaves where every user can write is gone before its user
 	// is another game's: files in /tmp and /dev/shm, System V IPC.
-	litter := l.spawn(t, sh(`u=$(id -u); mkdir /tmp/litter.$u && touch /tmp/litter.$u/f /tmp/litter-file.$u /dev/shm/litter.$u &&
-ipcmk -M 4096 >/dev/null && ipcmk -S 1 >/dev/null && ipcmk -Q >/dev/null && echo littered=$u`))
+	// (The LSPM's $TMPDIR is this test's; the game's own is its home.)
+	req := sh(`u=$(id -u); mkdir "$SHARED/litter.$u" && touch "$SHARED/litter.$u/f" "$SHARED/litter-file.$u" /dev/shm/litter.$u &&
+ipcmk -M 4096 >/dev/null && ipcmk -S 1 >/dev/null && ipcmk -Q >/dev/null && echo littered=$u`)
+	req.Env = map[string]string{"SHARED": os.TempDir()}
+	litter := l.spawn(t, req)
 	l.waitState(t, litter.ID, 10*time.Second, api.StateExited)
 	out = l.waitLog(t, litter.ID, "littered=", 5*time.Second)
 	luid := strings.TrimSpace(out[strings.Index(out, "littered=")+len("littered="):])
-	for _, path := range []string{"/tmp/litter." + luid, "/tmp/litter-file." + luid, "/dev/shm/litter." + luid} {
+	for _, path := range []string{filepath.Join(os.TempDir(), "litter."+luid), filepath.Join(os.TempDir(), "litter-file."+luid), "/dev/shm/litter." + luid} {
 		if _, err := os.Lstat(path); !os.IsNotExist(err) {
 			t.Errorf("%s is left after its game ended (%v)", path, err)
 		}
@@ -166,7 +169,7 @@ func TestGameUserSweptWhenShimDies(t *testing.T) {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
 	l := startLSPM(t, lspmOpts{maxProcesses: 2, noDefault: true,
-		extra: []string{"--allow", "/bin/sh", "--game-uids", "700000200-700000201"}})
+		extra: []string{"--allow", "/bin/sh", "--game-uids", "2000000200-2000000202"}})
 	hop := `setsid -f sh -c "$HOP" </dev/null >/dev/null 2>&1; exit 0`
 	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Env: map[string]string{"HOP": hop},
 		Command: []string{"/bin/sh", "-c", `setsid sleep 600 & pid=$!

@@ -5,7 +5,9 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -37,9 +39,22 @@ func main() {
 		if st.Mode().Perm()&0o022 != 0 {
 			return fmt.Errorf("/ is %v", st.Mode())
 		}
-		for _, dir := range []string{"/", "/usr", "/etc", "/bin", "/opt/game"} {
-			if err := os.Mkdir(filepath.Join(dir, "planted"), 0o755); err == nil {
-				return fmt.Errorf("created %s/planted", dir)
+		// Refused for want of permission, not for a missing parent.
+		for _, path := range []string{"/planted", "/usr", "/etc/planted", "/bin/planted", "/opt/game/planted"} {
+			if err := os.Mkdir(path, 0o755); !errors.Is(err, fs.ErrPermission) {
+				return fmt.Errorf("mkdir %s: %v, want permission denied", path, err)
+			}
+		}
+		return nil
+	}())
+	check("POSIX shared memory and message queues", func() error {
+		for _, dir := range []string{"/dev/shm", "/dev/mqueue"} {
+			st, err := os.Stat(dir)
+			if err != nil {
+				return err
+			}
+			if st.Mode()&(fs.ModeSticky|0o777) != fs.ModeSticky|0o777 {
+				return fmt.Errorf("%s is %v, want drwxrwxrwt", dir, st.Mode())
 			}
 		}
 		return nil

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"dedi.dev/dedi/api"
+	"dedi.dev/dedi/internal/lspm"
 	"dedi.dev/dedi/internal/provider"
 	"dedi.dev/dedi/internal/provider/docker"
 	"dedi.dev/dedi/internal/provider/local"
@@ -27,16 +28,17 @@ import (
 
 // vmmFlags are the flags "dedi vmm" and "dedi up" share.
 type vmmFlags struct {
-	cfg      vmm.Config
-	logLevel string
-	firstIP  int
-	lastIP   int
-	portBase int
-	simDir   string // --sim-provider-dir: the sim provider, for load tests
-	pprof    string // --pprof-listen
-	docker   docker.Config
-	qemu     qemu.Config
-	closers  []io.Closer // providers with connections to close
+	cfg         vmm.Config
+	logLevel    string
+	firstIP     int
+	lastIP      int
+	portBase    int
+	gameUIDBase int    // --local-game-uids
+	simDir      string // --sim-provider-dir: the sim provider, for load tests
+	pprof       string // --pprof-listen
+	docker      docker.Config
+	qemu        qemu.Config
+	closers     []io.Closer // providers with connections to close
 }
 
 func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
@@ -48,6 +50,7 @@ func (f *vmmFlags) register(fs *flag.FlagSet, defListen, defLevel string) {
 	fs.IntVar(&f.firstIP, "local-first-host", 10, "the local provider's first machine address is 127.0.0.N")
 	fs.IntVar(&f.lastIP, "local-last-host", 0, "the local provider's last machine address is 127.0.0.N (default: the one before the qemu provider's first, or 250)")
 	fs.IntVar(&f.portBase, "local-port-base", 30000, "the local provider's first game port")
+	fs.IntVar(&f.gameUIDBase, "local-game-uids", 0, "the local provider's machines run each game as a user of its own, from users BASE up (1,024 per machine address, e.g. 2000000000; needs root, and game files readable by other users; default: games run as the VMM's user)")
 	fs.StringVar(&f.logLevel, "log-level", defLevel, "debug, info, warn or error")
 	fs.TextVar(&f.docker.FirstAddress, "docker-first-address", netip.MustParseAddr("127.0.1.1"), "the docker provider's first machine address (its machines take the next ones)")
 	fs.IntVar(&f.docker.Machines, "docker-machines", 100, "the most machines the docker provider runs at once")
@@ -88,9 +91,16 @@ func (f *vmmFlags) build(stderr io.Writer) (*vmm.VMM, *local.Local, *slog.Logger
 			f.lastIP = f.qemu.FirstHost - 1
 		}
 	}
-	loc, err := local.New(local.Config{Dir: filepath.Join(dir, "machines"),
-		Hosts:  provider.Hosts{FirstHost: f.firstIP, LastHost: f.lastIP, PortBase: f.portBase},
-		Logger: log.With("provider", "local")})
+	lc := local.Config{Dir: filepath.Join(dir, "machines"),
+		Hosts:       provider.Hosts{FirstHost: f.firstIP, LastHost: f.lastIP, PortBase: f.portBase},
+		GameUIDBase: f.gameUIDBase, Logger: log.With("provider", "local")}
+	if f.gameUIDBase != 0 {
+		lo, hi := lc.GameUIDRange()
+		if err := lspm.CheckUIDRange(lo, hi); err != nil {
+			return nil, nil, nil, fmt.Errorf("--local-game-uids %d: users %d-%d: %w", f.gameUIDBase, lo, hi, err)
+		}
+	}
+	loc, err := local.New(lc)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("local provider: %w", err)
 	}

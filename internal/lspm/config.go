@@ -139,6 +139,15 @@ func ParseUIDRange(s string) (int, int, error) {
 	return min, max, nil
 }
 
+// CheckUIDRange checks users lo to hi as --game-uids does: the bounds
+// ParseUIDRange takes, and nobody else's (uidRangeFree).
+func CheckUIDRange(lo, hi int) error {
+	if _, _, err := ParseUIDRange(fmt.Sprintf("%d-%d", lo, hi)); err != nil {
+		return err
+	}
+	return uidRangeFree(lo, hi, "/etc")
+}
+
 // gameUIDs returns the first user given to games and how many there are:
 // --game-uids without its first user, the LSPM's sweeper (none when unset).
 func (c Config) gameUIDs() (first, n int) {

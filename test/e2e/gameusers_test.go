@@ -236,3 +236,47 @@ func procsOf(t *testing.T, uid int, zombies bool) []int {
 	}
 	return out
 }
+
+// With --local-game-uids the local provider's machines run each game as a
+// user of its own, from a block of users per machine address, so no two
+// machines of the host (whose LSPMs each sweep their games' users) share
+// one.
+func TestLocalGameUsers(t *testing.T) {
+	t.Parallel()
+	if os.Geteuid() != 0 {
+		t.Skipf("--local-game-uids needs root; these tests run as user %d", os.Geteuid())
+	}
+	const base = 2000100000
+	v := startVMM(t, "--local-game-uids", strconv.Itoa(base))
+	first := 0
+	for i, a := range v.args {
+		if a == "--local-first-host" {
+			first, _ = strconv.Atoi(v.args[i+1])
+		}
+	}
+	v.fleet(t, api.Fleet{Name: "lg", Command: []string{"/bin/sh", "-c", `echo "uid=$(id -u) end"; exec sleep 600`},
+		ProcessesPerMachine: 1, Ports: []string{},
+		Scaling: api.Scaling{MaxMachines: 2, IdleShutdownSeconds: 3600}})
+	blocks := map[int]bool{}
+	for range 2 {
+		p := startProcess(t, v, "lg", false)
+		var out []byte
+		eventually(t, 10*time.Second, "the game's log", func() bool {
+			_, out = call(t, "GET", v.url+"/v1/processes/"+p.ID+"/logs", v.token, nil, nil)
+			return strings.Contains(string(out), " end")
+		})
+		var uid int
+		if _, err := fmt.Sscanf(string(out[bytes.Index(out, []byte("uid=")):]), "uid=%d end", &uid); err != nil {
+			t.Fatalf("log %q: %v", out, err)
+		}
+		n, _ := strconv.Atoi(p.Address[strings.LastIndexByte(p.Address, '.')+1:])
+		lo := base + (n-first)*1024
+		if uid <= lo || uid >= lo+1024 {
+			t.Errorf("the game on 127.0.0.%d runs as user %d, want one of %d-%d (%d is the LSPM's sweeper)", n, uid, lo+1, lo+1023, lo)
+		}
+		blocks[lo] = true
+	}
+	if len(blocks) != 2 {
+		t.Errorf("two games on two machines ran from the blocks %v, want two blocks", blocks)
+	}
+}

@@ -50,8 +50,38 @@ type Config struct {
 	// Hosts places the machines on 127.0.0.N, each with its LSPM on
 	// LSPMPort and its own game ports (provider.Hosts; its defaults).
 	provider.Hosts
+	// GameUIDBase, when set (the VMM runs as root), makes every machine's
+	// LSPM run each game as a user of its own (lspm --game-uids): the
+	// machine on 127.0.0.N takes the GameUIDStride users from
+	// GameUIDBase + (N - FirstHost) * GameUIDStride, so no two machines of
+	// the host share one (an LSPM kills every process of a game's user
+	// when the game ends). The game's files must be readable by other
+	// users. Zero: games run as the LSPM's user, the VMM's.
+	GameUIDBase int
 	// Logger receives the provider's logs (default: discarded).
 	Logger *slog.Logger
+}
+
+// GameUIDStride is how many users of GameUIDBase each machine takes: its
+// LSPM's sweeper and up to 1,023 games (a fleet runs at most 1,000 per
+// machine).
+const GameUIDStride = 1024
+
+// GameUIDs is the --game-uids range of the machine on 127.0.0.N, or ""
+// without GameUIDBase.
+func (c Config) GameUIDs(n int) string {
+	if c.GameUIDBase == 0 {
+		return ""
+	}
+	lo := c.GameUIDBase + (n-c.FirstHost)*GameUIDStride
+	return fmt.Sprintf("%d-%d", lo, lo+GameUIDStride-1)
+}
+
+// GameUIDRange is every user the provider's machines may take with
+// GameUIDBase, for checking it against the system's users.
+func (c Config) GameUIDRange() (lo, hi int) {
+	c.Hosts = c.Hosts.WithDefaults()
+	return c.GameUIDBase, c.GameUIDBase + (c.LastHost-c.FirstHost+1)*GameUIDStride - 1
 }
 
 func (c Config) withDefaults() Config {
@@ -70,6 +100,9 @@ func (c Config) Validate() error {
 	}
 	if err := c.Hosts.Validate(1); err != nil {
 		return fmt.Errorf("local provider: %w", err)
+	}
+	if c.GameUIDBase != 0 && os.Geteuid() != 0 {
+		return errors.New("local provider: game users need the VMM to run as root")
 	}
 	return nil
 }
@@ -196,7 +229,7 @@ func (l *Local) Create(ctx context.Context, spec provider.Spec) (provider.Machin
 		_ = os.RemoveAll(dir)
 		return provider.Machine{}, fmt.Errorf("create %s: %w", spec.MachineID, err)
 	}
-	cmd, err := l.start(dir, listen, addr, lo, hi, spec)
+	cmd, err := l.start(dir, listen, addr, lo, hi, n, spec)
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return provider.Machine{}, fmt.Errorf("create %s: start lspm: %w", spec.MachineID, err)
@@ -220,9 +253,13 @@ func (l *Local) Create(ctx context.Context, spec provider.Spec) (provider.Machin
 
 // start runs the LSPM in a session of its own, its output appended to
 // lspm.log and the token in its environment only.
-func (l *Local) start(dir, listen, addr string, lo, hi int, spec provider.Spec) (*exec.Cmd, error) {
-	args := provider.LSPMFlags{Listen: listen, Address: addr, DataDir: filepath.Join(dir, "lspm"),
-		MachineID: spec.MachineID, PortMin: lo, PortMax: hi, Spec: spec, Command: spec.Command}.Args()
+func (l *Local) start(dir, listen, addr string, lo, hi, n int, spec provider.Spec) (*exec.Cmd, error) {
+	flags := provider.LSPMFlags{Listen: listen, Address: addr, DataDir: filepath.Join(dir, "lspm"),
+		MachineID: spec.MachineID, PortMin: lo, PortMax: hi, Spec: spec, Command: spec.Command}
+	if uids := l.cfg.GameUIDs(n); uids != "" {
+		flags.Extra = append(flags.Extra, "--game-uids", uids)
+	}
+	args := flags.Args()
 	logf, err := os.OpenFile(filepath.Join(dir, "lspm.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err

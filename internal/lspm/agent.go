@@ -421,6 +421,9 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 		}
 	}
 	if plan.home != "" {
+		if err := reachableByOthers(exe); err != nil {
+			return launched{}, err
+		}
 		if err := makeGameHome(plan.home, plan.uid); err != nil {
 			return launched{}, err
 		}
@@ -459,6 +462,29 @@ func (a *Agent) launch(plan spawnPlan, req api.SpawnRequest, exe string, argv []
 		Record: plan.record, UID: plan.uid, SweeperUID: a.cfg.GameUIDMin})
 	l.uid, l.home = plan.uid, plan.home
 	return l, err
+}
+
+// reachableByOthers tells why a game of its own user could not run exe
+// (and work in its directory), if it could not: every directory above it
+// must let others through, and the file let others run it.
+func reachableByOthers(exe string) error {
+	st, err := os.Stat(exe)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Perm()&0o001 == 0 {
+		return fmt.Errorf("%s is %v: games of their own user (--game-uids) cannot run it; make it executable by others", exe, st.Mode())
+	}
+	for dir := filepath.Dir(exe); ; dir = filepath.Dir(dir) {
+		if st, err := os.Stat(dir); err != nil {
+			return err
+		} else if st.Mode().Perm()&0o001 == 0 {
+			return fmt.Errorf("directory %s is %v: games of their own user (--game-uids) cannot reach %s; let others through it (chmod o+x)", dir, st.Mode(), exe)
+		}
+		if dir == "/" || dir == "." {
+			return nil
+		}
+	}
 }
 
 // makeGameHome creates a game's own HOME, 0700 and its user's. Mkdir

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -23,7 +24,21 @@ func TestGameUsersIsolateGames(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
-	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh", "--game-uids", "2000000100-2000000199"}})
+	private := t.TempDir() // 0700: no game user gets through
+	hidden := filepath.Join(private, "hidden-game")
+	if err := os.WriteFile(hidden, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	l := startLSPM(t, lspmOpts{noDefault: true, extra: []string{"--allow", "/bin/sh", "--allow", hidden,
+		"--game-uids", "2000000100-2000000199"}})
+	// A game its user cannot reach is refused, saying why.
+	if code, raw := call(t, "POST", l.url+"/v1/processes", l.token, api.SpawnRequest{Ports: []string{}, Command: []string{hidden}}, nil); code != http.StatusInternalServerError ||
+		!strings.Contains(string(raw), `"code":"spawn_failed"`) || !strings.Contains(string(raw), "directory "+private) {
+		t.Errorf("spawn of a game in a private directory: %d %s, want 500 spawn_failed naming %s", code, raw, private)
+	}
 	sh := func(script string) api.SpawnRequest {
 		return api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/sh", "-c", script}}
 	}

@@ -88,11 +88,13 @@ func bootGuest(log *slog.Logger) (image.GuestConfig, error) {
 	// The games' scratch space: each runs as a user of its own and can
 	// write nowhere else (sticky, as /tmp is: none removes another's files).
 	// The LSPM makes each game its own HOME in there (0700).
+	// A tmpfs of its own, nosuid like /dev/shm: a setuid file a game
+	// leaves there runs with no one's privileges.
 	if err := os.MkdirAll("/tmp", 0o755); err != nil {
 		return cfg, err
 	}
-	if err := os.Chmod("/tmp", 0o777|os.ModeSticky); err != nil {
-		return cfg, err
+	if err := unix.Mount("tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777"); err != nil && !errors.Is(err, unix.EBUSY) {
+		return cfg, fmt.Errorf("mount /tmp: %w", err)
 	}
 	var img image.QEMUImage
 	if err := readJSON(image.GuestImageConfig, &img); err != nil {

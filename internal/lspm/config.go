@@ -294,6 +294,12 @@ func (c Config) Validate() error {
 		if err := uidRangeFree(c.GameUIDMin, c.GameUIDMax, "/etc"); err != nil {
 			return fmt.Errorf("--game-uids %d-%d: %w", c.GameUIDMin, c.GameUIDMax, err)
 		}
+		// With fs.suid_dumpable 1, a sweep makes the LSPM dumpable, and its
+		// sweeping thread's /proc files the game user's for a moment (a
+		// game could set the LSPM's oom_score_adj).
+		if raw, err := os.ReadFile("/proc/sys/fs/suid_dumpable"); err == nil && strings.TrimSpace(string(raw)) == "1" {
+			return errors.New("--game-uids: fs.suid_dumpable is 1 (debug): set it to 0 or 2 (sysctl fs.suid_dumpable=0)")
+		}
 	}
 	if c.FailureThreshold < 1 || c.HealthPeriod <= 0 || c.StartTimeout <= 0 || c.Grace < 0 {
 		return errors.New("health period, failure threshold and start timeout must be positive")

@@ -33,6 +33,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -189,6 +190,14 @@ func RunShim() int {
 	if spec.UID != 0 {
 		// No supplementary groups: the game is its user and nothing else.
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(spec.UID), Gid: uint32(spec.UID), Groups: []uint32{}}
+	}
+	// No game gains privileges by exec: a setuid file (one a game left for
+	// the next game of its user, or a system one) runs with the game's. The
+	// flag is the thread's, and the fork inherits it: the main goroutine
+	// stays on this thread from here on.
+	runtime.LockOSThread()
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fail(fmt.Errorf("no_new_privs: %w", err))
 	}
 	if err := cmd.Start(); err != nil {
 		return fail(err)

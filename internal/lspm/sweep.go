@@ -89,10 +89,7 @@ func sweepUsers(sweeper int, uids ...int) []int {
 // killRound calls kill(-1, SIGKILL) as each of uids from a thread of its
 // own, which then ends, and returns the users it could not take.
 func killRound(sweeper int, uids []int) (failed []int) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+	onSpareThread(func() {
 		for i, uid := range uids {
 			if err := killAllAs(sweeper, uid); err != nil {
 				fmt.Fprintf(os.Stderr, "sweep: %v\n", err)
@@ -103,9 +100,32 @@ func killRound(sweeper int, uids []int) (failed []int) {
 				failed = append(failed, uid)
 			}
 		}
+	})
+	return failed
+}
+
+// onSpareThread runs f on a thread locked to it that is not the process's
+// main thread and that ends with f (it is never given back to the Go
+// runtime): f may change the thread's credentials. Not the main thread,
+// as the kernel judges a signal to a process by its main thread's
+// credentials: while a sweep holds the sweeper's there, another process's
+// sweep (another shim, another LSPM) would kill this one.
+func onSpareThread(f func()) {
+	done := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// Hold the main thread, so that the nested goroutine gets
+			// another one, and give it back afterwards: nothing changed it.
+			onSpareThread(f)
+			runtime.UnlockOSThread()
+			close(done)
+			return
+		}
+		defer close(done) // the goroutine ends locked: so does its thread
+		f()
 	}()
 	<-done
-	return failed
 }
 
 // errStuck is killAllAs failing to take root back.
@@ -227,8 +247,8 @@ func mountMqueue() error {
 // one: files and directories a user owns at the top of $TMPDIR and
 // sharedDirs,
 // and System V shared memory, semaphores and message queues the user owns
-// or created. It runs only for users sweepUsers emptied, so nothing of
-// theirs can race the removal.
+// or created, and the keys in its user keyrings. It runs only for users
+// sweepUsers emptied, so nothing of theirs can race the removal.
 func removeUserLeftovers(uids map[int]bool) {
 	delete(uids, 0)
 	if len(uids) == 0 {
@@ -256,6 +276,7 @@ func removeUserLeftovers(uids map[int]bool) {
 			}
 		}
 	}
+	clearKeyrings(uids)
 	for _, k := range []struct {
 		table string
 		rmid  func(id int) error
@@ -270,6 +291,47 @@ func removeUserLeftovers(uids map[int]bool) {
 			}
 		}
 	}
+}
+
+// clearKeyrings empties the user keyrings (@u, @us) of those of uids that
+// hold keys (/proc/key-users): the kernel keeps them for a user across its
+// processes, so a key one game stored would wait there for the next game
+// of its user. The user's keyrings are reached only as the user (its real
+// uid), which is safe here: none of its processes runs any more.
+func clearKeyrings(uids map[int]bool) {
+	raw, err := os.ReadFile("/proc/key-users")
+	if err != nil {
+		return
+	}
+	var holders []int
+	for _, line := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if uid, err := strconv.Atoi(strings.TrimSuffix(f[0], ":")); err == nil && uids[uid] {
+			holders = append(holders, uid)
+		}
+	}
+	if len(holders) == 0 {
+		return
+	}
+	onSpareThread(func() {
+		for _, uid := range holders {
+			if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), 0); e != 0 {
+				fmt.Fprintf(os.Stderr, "clear the keyrings of user %d: setresuid: %v\n", uid, e)
+				continue
+			}
+			for _, ring := range []int{unix.KEY_SPEC_USER_KEYRING, unix.KEY_SPEC_USER_SESSION_KEYRING} {
+				if _, err := unix.KeyctlInt(unix.KEYCTL_CLEAR, ring, 0, 0, 0); err != nil {
+					fmt.Fprintf(os.Stderr, "clear keyring %d of user %d: %v\n", ring, uid, err)
+				}
+			}
+			if backToRoot() != nil {
+				return // the thread ends with onSpareThread's goroutine
+			}
+		}
+	})
 }
 
 func ipcRmid(trap uintptr, id int, a, b int) error {

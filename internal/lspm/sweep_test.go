@@ -2,6 +2,7 @@ package lspm
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -113,8 +114,7 @@ func TestSweepThreadUnreachableByTheGame(t *testing.T) {
 		tid := make(chan int)
 		release := make(chan struct{})
 		done := make(chan error, 1)
-		go func() {
-			runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		go onSpareThread(func() {
 			err := becomeSweeper(c.real, uid)
 			tid <- unix.Gettid()
 			if err != nil {
@@ -123,7 +123,7 @@ func TestSweepThreadUnreachableByTheGame(t *testing.T) {
 			}
 			<-release
 			done <- backToRoot()
-		}()
+		})
 		probe := exec.Command("/bin/sh", "-c", "kill -0 "+strconv.Itoa(<-tid))
 		probe.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
 		out, perr := probe.CombinedOutput()
@@ -289,8 +289,7 @@ func TestRemoveUserLeftovers(t *testing.T) {
 func mqOpenAs(t *testing.T, uid int, name string, flags int) {
 	t.Helper()
 	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+	go onSpareThread(func() {
 		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, uintptr(uid), 0); e != 0 {
 			done <- e
 			return
@@ -308,8 +307,101 @@ func mqOpenAs(t *testing.T, uid int, name string, flags int) {
 			err = e
 		}
 		done <- err
-	}()
+	})
 	if err := <-done; err != nil {
 		t.Fatalf("mq_open %s as user %d: %v", name, uid, err)
+	}
+}
+
+// sweeperChildEnv makes this test binary a process that sweeps 300 users
+// of its own from its main goroutine, as a shim or a starting LSPM does,
+// then exits 0.
+const sweeperChildEnv = "DEDI_TEST_SWEEPER_CHILD"
+
+// TestMain runs the sweeper child from the main goroutine, as a shim
+// sweeps (package init would lock it to the main thread).
+func TestMain(m *testing.M) {
+	if first, err := strconv.Atoi(os.Getenv(sweeperChildEnv)); err == nil {
+		// One sweep of many users, as an LSPM's start does: a process's
+		// first sweep is the one whose goroutine may get the main thread.
+		runtime.GOMAXPROCS(1) // as the shim runs
+		uids := make([]int, 300)
+		for i := range uids {
+			uids[i] = first + i
+		}
+		sweepUsers(2000000398, uids...)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// Sweeps running at once in several processes (shims whose games end
+// together, an LSPM starting) must not kill each other: a sweep never
+// changes the credentials of its process's main thread, by which the
+// kernel judges a signal to the process.
+func TestConcurrentSweepsSpareEachOther(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skipf("sweeping a user needs root; these tests run as user %d", os.Geteuid())
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		var cmds []*exec.Cmd
+		for i := range 8 {
+			cmd := exec.Command(self, "-test.run", "^$")
+			cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d", sweeperChildEnv, 2000002000+i*300))
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			cmds = append(cmds, cmd)
+		}
+		for _, cmd := range cmds {
+			if err := cmd.Wait(); err != nil {
+				t.Errorf("sweeper pid %d: %v", cmd.Process.Pid, err)
+			}
+		}
+	}
+}
+
+// A key a game stores in its user keyring is gone for the next game of
+// its user.
+func TestRemoveUserLeftoversClearsKeyrings(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skipf("reaching another user's keyrings needs root; these tests run as user %d", os.Geteuid())
+	}
+	const uid = 2000000399
+	asUser := func(f func() error) error {
+		done := make(chan error, 1)
+		onSpareThread(func() {
+			if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uid, uid, 0); e != 0 {
+				done <- e
+				return
+			}
+			err := f()
+			if e := backToRoot(); e != nil && err == nil {
+				err = e
+			}
+			done <- err
+		})
+		return <-done
+	}
+	if err := asUser(func() error {
+		_, err := unix.AddKey("user", "dedi-leftover", []byte("secret of the previous game"), unix.KEY_SPEC_USER_KEYRING)
+		return err
+	}); err != nil {
+		t.Fatalf("add a key as user %d: %v", uid, err)
+	}
+	find := func() error {
+		_, err := unix.KeyctlSearch(unix.KEY_SPEC_USER_KEYRING, "user", "dedi-leftover", 0)
+		return err
+	}
+	if err := asUser(find); err != nil {
+		t.Fatalf("the key is not there to begin with: %v", err)
+	}
+	removeUserLeftovers(map[int]bool{uid: true})
+	if err := asUser(find); !errors.Is(err, unix.ENOKEY) {
+		t.Errorf("the next game of user %d finds the key: %v, want ENOKEY", uid, err)
 	}
 }

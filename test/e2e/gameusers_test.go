@@ -115,6 +115,23 @@ ipcmk -M 4096 >/dev/null && ipcmk -S 1 >/dev/null && ipcmk -Q >/dev/null && echo
 		}
 	}
 
+	// A setuid file one game plants gives another game nothing: games run
+	// with no_new_privs. (A game could leave one for the next game of its
+	// user in a directory another game owns, beyond the leftover removal.)
+	opener := sh(`d="$SHARED/open.$(id -u)"; mkdir -m 777 "$d" && echo "dir=$d end"
+i=0; while [ ! -e "$d/id" ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; "$d/id"; echo ran`)
+	opener.Env = map[string]string{"SHARED": os.TempDir()}
+	victimOfSuid := l.spawn(t, opener)
+	out = l.waitLog(t, victimOfSuid.ID, " end", 5*time.Second)
+	dir := strings.Fields(out[strings.Index(out, "dir=")+len("dir="):])[0]
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	planter := l.spawn(t, sh(`cp /usr/bin/id "`+dir+`/.id" && chmod 4755 "`+dir+`/.id" && mv "`+dir+`/.id" "`+dir+`/id" && echo planted`))
+	l.waitState(t, planter.ID, 10*time.Second, api.StateExited)
+	out = l.waitLog(t, victimOfSuid.ID, "ran", 10*time.Second)
+	if strings.Contains(out, "euid=") || !strings.Contains(out, "uid=") {
+		t.Errorf("a game ran another game's setuid file and took its user: %q", out)
+	}
+
 	// A daemon in a session of its own, left behind when its game exits
 	// (which waits until the daemon has left its process group).
 	leaver := l.spawn(t, sh(`setsid sleep 600 & pid=$!

@@ -47,8 +47,25 @@ func main() {
 		}
 		return nil
 	}())
+	check("no privileges by exec", func() error {
+		raw, err := os.ReadFile("/proc/self/status")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(string(raw), "\nNoNewPrivs:\t1\n") {
+			return fmt.Errorf("no_new_privs is not set")
+		}
+		var st syscall.Statfs_t
+		if err := syscall.Statfs("/tmp", &st); err != nil {
+			return err
+		}
+		if st.Flags&0x2 == 0 { // ST_NOSUID
+			return fmt.Errorf("/tmp is not nosuid (flags %#x)", st.Flags)
+		}
+		return nil
+	}())
 	check("POSIX shared memory and message queues", func() error {
-		for _, dir := range []string{"/dev/shm", "/dev/mqueue"} {
+		for _, dir := range []string{"/tmp", "/dev/shm", "/dev/mqueue"} {
 			st, err := os.Stat(dir)
 			if err != nil {
 				return err

@@ -72,6 +72,11 @@ func bootGuest(log *slog.Logger) (image.GuestConfig, error) {
 			return cfg, fmt.Errorf("mount %s: %w", m.dir, err)
 		}
 	}
+	// Room for many games' tasks (each game of its own user may have up to
+	// 1,024): the kernel's default is 32,768 process ids.
+	if err := os.WriteFile("/proc/sys/kernel/pid_max", []byte("4194304"), 0o644); err != nil {
+		log.Warn("raise kernel.pid_max", "err", err)
+	}
 	// POSIX shared memory, as on any Linux host (the LSPM removes what a
 	// game leaves there; it mounts /dev/mqueue itself).
 	if err := os.MkdirAll("/dev/shm", 0o755); err != nil {

@@ -199,6 +199,20 @@ func RunShim() int {
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fail(fmt.Errorf("no_new_privs: %w", err))
 	}
+	// A session keyring of the game's own (anonymous: a NULL name), not
+	// the LSPM's, which every game would share (a service manager or a
+	// login gives the LSPM one).
+	if _, _, e := unix.Syscall(unix.SYS_KEYCTL, unix.KEYCTL_JOIN_SESSION_KEYRING, 0, 0); e != 0 && e != unix.ENOSYS {
+		return fail(fmt.Errorf("join a session keyring of its own: %w", e))
+	}
+	if spec.UID != 0 {
+		// A game of its own user can fill the machine's process ids with
+		// its tasks no more (the limit counts the user's tasks; root, the
+		// shim, is not bound by it).
+		if err := unix.Setrlimit(unix.RLIMIT_NPROC, &unix.Rlimit{Cur: gameMaxTasks, Max: gameMaxTasks}); err != nil {
+			return fail(fmt.Errorf("limit the game's tasks: %w", err))
+		}
+	}
 	if err := cmd.Start(); err != nil {
 		return fail(err)
 	}
@@ -265,6 +279,10 @@ func RunShim() int {
 	}
 	return 0
 }
+
+// gameMaxTasks bounds the processes and threads of a game of its own user
+// (--game-uids), RLIMIT_NPROC.
+const gameMaxTasks = 1024
 
 // launched is what startShim learned about a new game server.
 type launched struct {

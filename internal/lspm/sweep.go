@@ -261,20 +261,7 @@ func removeUserLeftovers(uids map[int]bool) {
 		}
 	}
 	for _, dir := range dirs {
-		ents, err := os.ReadDir(dir)
-		if err != nil {
-			continue
-		}
-		for _, e := range ents {
-			path := dir + "/" + e.Name()
-			var st unix.Stat_t
-			if unix.Lstat(path, &st) != nil || !uids[int(st.Uid)] {
-				continue
-			}
-			if err := os.RemoveAll(path); err != nil { // never follows a link
-				fmt.Fprintf(os.Stderr, "remove game user %d's %s: %v\n", st.Uid, path, err)
-			}
-		}
+		removeOwned(dir, uids, 1)
 	}
 	clearKeyrings(uids)
 	for _, k := range []struct {
@@ -293,8 +280,8 @@ func removeUserLeftovers(uids map[int]bool) {
 	}
 }
 
-// clearKeyrings empties the user keyrings (@u, @us) of those of uids that
-// hold keys (/proc/key-users): the kernel keeps them for a user across its
+// clearKeyrings empties the user keyrings (@u, @us) and drops the
+// persistent keyring of those of uids that hold keys (/proc/key-users): the kernel keeps them for a user across its
 // processes, so a key one game stored would wait there for the next game
 // of its user. The user's keyrings are reached only as the user (its real
 // uid), which is safe here: none of its processes runs any more.
@@ -327,11 +314,46 @@ func clearKeyrings(uids map[int]bool) {
 					fmt.Fprintf(os.Stderr, "clear keyring %d of user %d: %v\n", ring, uid, err)
 				}
 			}
+			// The user's persistent keyring too (linked for the moment into
+			// this thread's keyring, which ends with the thread), where the
+			// kernel supports one.
+			if id, err := unix.KeyctlInt(unix.KEYCTL_GET_PERSISTENT, -1, unix.KEY_SPEC_THREAD_KEYRING, 0, 0); err == nil {
+				if _, err := unix.KeyctlInt(unix.KEYCTL_INVALIDATE, id, 0, 0, 0); err != nil {
+					fmt.Fprintf(os.Stderr, "invalidate the persistent keyring of user %d: %v\n", uid, err)
+				}
+			}
 			if backToRoot() != nil {
 				return // the thread ends with onSpareThread's goroutine
 			}
 		}
 	})
+}
+
+// removeOwned removes the entries of dir that one of uids owns. It goes
+// down (depth more levels) only into directories root owns with the
+// sticky bit (as /tmp/.X11-unix): no game can swap such a directory, or
+// one above it, for a link while its entries are removed by path.
+func removeOwned(dir string, uids map[int]bool, depth int) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		path := dir + "/" + e.Name()
+		var st unix.Stat_t
+		if unix.Lstat(path, &st) != nil {
+			continue
+		}
+		if uids[int(st.Uid)] {
+			if err := os.RemoveAll(path); err != nil { // never follows a link
+				fmt.Fprintf(os.Stderr, "remove game user %d's %s: %v\n", st.Uid, path, err)
+			}
+			continue
+		}
+		if depth > 0 && st.Uid == 0 && st.Mode&unix.S_IFMT == unix.S_IFDIR && st.Mode&unix.S_ISVTX != 0 {
+			removeOwned(path, uids, depth-1)
+		}
+	}
 }
 
 func ipcRmid(trap uintptr, id int, a, b int) error {

@@ -265,6 +265,25 @@ func TestRemoveUserLeftovers(t *testing.T) {
 			paths = append(paths, p)
 		}
 	}
+	// Inside a root-owned sticky directory (as /tmp/.X11-unix) too.
+	x11 := filepath.Join(os.TempDir(), fmt.Sprintf(".dedi-test-X11-unix-%d", uid))
+	if err := os.Mkdir(x11, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(x11, 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(x11) })
+	for _, owner := range []int{uid, other} {
+		p := filepath.Join(x11, fmt.Sprintf("X%d", owner))
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(p, owner, owner); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
 	queue := fmt.Sprintf("dedi-leftover-%d", uid)
 	mqOpenAs(t, uid, queue, unix.O_CREAT|unix.O_RDWR)
 	t.Cleanup(func() { _ = unix.Unlink(filepath.Join(mqueueDir, queue)) })
@@ -387,21 +406,51 @@ func TestRemoveUserLeftoversClearsKeyrings(t *testing.T) {
 		})
 		return <-done
 	}
+	// In the user keyring, and in the persistent one where the kernel has
+	// it (it outlives the user's processes for days).
+	persistent := func() (int, error) {
+		return unix.KeyctlInt(unix.KEYCTL_GET_PERSISTENT, -1, unix.KEY_SPEC_THREAD_KEYRING, 0, 0)
+	}
+	hasPersistent := asUser(func() error { _, err := persistent(); return err }) == nil
 	if err := asUser(func() error {
-		_, err := unix.AddKey("user", "dedi-leftover", []byte("secret of the previous game"), unix.KEY_SPEC_USER_KEYRING)
-		return err
+		if _, err := unix.AddKey("user", "dedi-leftover", []byte("secret of the previous game"), unix.KEY_SPEC_USER_KEYRING); err != nil {
+			return err
+		}
+		if hasPersistent {
+			ring, err := persistent()
+			if err != nil {
+				return err
+			}
+			_, err = unix.AddKey("user", "dedi-leftover-persistent", []byte("secret"), ring)
+			return err
+		}
+		return nil
 	}); err != nil {
-		t.Fatalf("add a key as user %d: %v", uid, err)
+		t.Fatalf("add keys as user %d: %v", uid, err)
 	}
-	find := func() error {
-		_, err := unix.KeyctlSearch(unix.KEY_SPEC_USER_KEYRING, "user", "dedi-leftover", 0)
-		return err
+	find := func(desc string, ring func() (int, error)) func() error {
+		return func() error {
+			id, err := ring()
+			if err != nil {
+				return err
+			}
+			_, err = unix.KeyctlSearch(id, "user", desc, 0)
+			return err
+		}
 	}
-	if err := asUser(find); err != nil {
+	userRing := func() (int, error) { return unix.KEY_SPEC_USER_KEYRING, nil }
+	if err := asUser(find("dedi-leftover", userRing)); err != nil {
 		t.Fatalf("the key is not there to begin with: %v", err)
 	}
 	removeUserLeftovers(map[int]bool{uid: true})
-	if err := asUser(find); !errors.Is(err, unix.ENOKEY) {
+	if err := asUser(find("dedi-leftover", userRing)); !errors.Is(err, unix.ENOKEY) {
 		t.Errorf("the next game of user %d finds the key: %v, want ENOKEY", uid, err)
+	}
+	if !hasPersistent {
+		t.Log("this kernel has no persistent keyrings")
+		return
+	}
+	if err := asUser(find("dedi-leftover-persistent", persistent)); !errors.Is(err, unix.ENOKEY) {
+		t.Errorf("the next game of user %d finds the key in its persistent keyring: %v, want ENOKEY", uid, err)
 	}
 }

@@ -65,7 +65,7 @@ func TestGameUsersIsolateGames(t *testing.T) {
 	}
 
 	// Its own HOME (and TMPDIR): writable by it alone, gone with it.
-	homer := l.spawn(t, sh(`touch "$HOME/x" && echo "home=$HOME tmp=$TMPDIR mode=$(stat -c %a:%u "$HOME") uid=$(id -u) end"`))
+	homer := l.spawn(t, sh(`grep "Max processes" /proc/self/limits; touch "$HOME/x" && echo "home=$HOME tmp=$TMPDIR mode=$(stat -c %a:%u "$HOME") uid=$(id -u) end"`))
 	l.waitState(t, homer.ID, 10*time.Second, api.StateExited)
 	out = l.waitLog(t, homer.ID, " end", 5*time.Second)
 	var home, tmp, mode, huid string
@@ -74,6 +74,10 @@ func TestGameUsersIsolateGames(t *testing.T) {
 	}
 	if !strings.HasPrefix(home, os.TempDir()+"/dedi-game-") || tmp != home || mode != "700:"+huid {
 		t.Fatalf("the game's home %q, TMPDIR %q, mode and owner %q (uid %s)", home, tmp, mode, huid)
+	}
+	// At most 1,024 tasks: one game cannot use up the machine's pids.
+	if f := strings.Fields(out[strings.Index(out, "Max processes"):]); len(f) < 4 || f[2] != "1024" || f[3] != "1024" {
+		t.Errorf("the game's process limit: %q, want 1024", out)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -172,6 +176,30 @@ func TestGameInheritsNoDescriptors(t *testing.T) {
 	}
 	if strings.Join(fds, ",") != "0,1,2" {
 		t.Fatalf("the game holds descriptors %v, want 0, 1 and 2 only:\n%s", fds, out)
+	}
+}
+
+// Games do not share the LSPM's session keyring (a service manager or a
+// login gives it one): each game gets one of its own, so no game reads or
+// leaves keys there for another. (/proc/keys lists the keys a process
+// may view: a game of its own user views root's keyring only by
+// possessing it.)
+func TestGamesHaveSessionKeyringsOfTheirOwn(t *testing.T) {
+	t.Parallel()
+	if os.Geteuid() != 0 {
+		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
+	}
+	name := fmt.Sprintf("dedi-test-lspm-ses-%d", time.Now().UnixNano())
+	l := startLSPM(t, lspmOpts{maxProcesses: 2, noDefault: true, keyring: name,
+		extra: []string{"--allow", "/bin/cat", "--game-uids", "2000000300-2000000302"}})
+	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/cat", "/proc/keys"}})
+	l.waitState(t, p.ID, 10*time.Second, api.StateExited)
+	out := l.waitLog(t, p.ID, "keyring", 5*time.Second)
+	if strings.Contains(out, name) {
+		t.Fatalf("the game holds the LSPM's session keyring %q:\n%s", name, out)
+	}
+	if !strings.Contains(out, "_ses") {
+		t.Fatalf("the game has no session keyring of its own:\n%s", out)
 	}
 }
 

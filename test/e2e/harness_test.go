@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -23,6 +24,7 @@ import (
 
 	"dedi.dev/dedi/api"
 	"dedi.dev/dedi/test/fakegame"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -81,6 +83,26 @@ type lspm struct {
 	logs    *bytes.Buffer
 	exited  chan struct{}
 	inherit []*os.File // descriptors the LSPM inherits (3 up)
+	keyring string     // a session keyring the LSPM starts in, as a service manager gives one
+}
+
+// startCmd starts l.cmd, in the session keyring l.keyring if set: from a
+// thread that joined it (the fork inherits the thread's keyrings), which
+// ends with its goroutine.
+func (l *lspm) startCmd() error {
+	if l.keyring == "" {
+		return l.cmd.Start()
+	}
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		if _, err := unix.KeyctlJoinSessionKeyring(l.keyring); err != nil {
+			done <- fmt.Errorf("join session keyring %q: %w", l.keyring, err)
+			return
+		}
+		done <- l.cmd.Start()
+	}()
+	return <-done
 }
 
 type lspmOpts struct {
@@ -90,6 +112,7 @@ type lspmOpts struct {
 	dataDir      string
 	noDefault    bool
 	inherit      []*os.File // descriptors the LSPM inherits (3 up), not close-on-exec
+	keyring      string     // a named session keyring the LSPM starts in
 }
 
 // startLSPM starts an LSPM whose default command is the echo example and
@@ -120,7 +143,7 @@ func startLSPM(t testing.TB, o lspmOpts) *lspm {
 	if !o.noDefault {
 		args = append(args, "--", echoBin)
 	}
-	l := &lspm{t: t, token: machineToken, dataDir: o.dataDir, args: args, inherit: o.inherit}
+	l := &lspm{t: t, token: machineToken, dataDir: o.dataDir, args: args, inherit: o.inherit, keyring: o.keyring}
 	t.Cleanup(func() { l.cleanup() }) // first: a start that fails still gets cleaned up
 	l.start()
 	return l
@@ -142,7 +165,7 @@ func (l *lspm) start() {
 	l.cmd.Env = append(os.Environ(), api.EnvMachineToken+"="+l.token)
 	l.cmd.Stdout, l.cmd.Stderr = l.logs, l.logs
 	l.cmd.ExtraFiles = l.inherit
-	if err := l.cmd.Start(); err != nil {
+	if err := l.startCmd(); err != nil {
 		l.t.Fatal(err)
 	}
 	l.exited = make(chan struct{})

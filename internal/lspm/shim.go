@@ -201,8 +201,10 @@ func RunShim() int {
 	}
 	// A session keyring of the game's own (anonymous: a NULL name), not
 	// the LSPM's, which every game would share (a service manager or a
-	// login gives the LSPM one).
-	if _, _, e := unix.Syscall(unix.SYS_KEYCTL, unix.KEYCTL_JOIN_SESSION_KEYRING, 0, 0); e != 0 && e != unix.ENOSYS {
+	// login gives the LSPM one). Where the kernel has no keyrings, or a
+	// seccomp filter refuses keyctl (Docker's default profile does, for
+	// the game as well), there is none to share.
+	if _, _, e := unix.Syscall(unix.SYS_KEYCTL, unix.KEYCTL_JOIN_SESSION_KEYRING, 0, 0); e != 0 && e != unix.ENOSYS && e != unix.EPERM {
 		return fail(fmt.Errorf("join a session keyring of its own: %w", e))
 	}
 	if spec.UID != 0 {

@@ -561,12 +561,22 @@ func (a *Agent) finish(id, dir string, l launched) {
 	tail := capLines(tailLines(filepath.Join(dir, logFile), 50))
 	// The game's user goes back to the pool with the end, so nothing may
 	// run as it any more: the shim swept it, but a shim can be killed.
-	clean := l.uid == 0 || len(sweepUsers(a.cfg.GameUIDMin, l.uid)) == 0
-	if clean && l.uid != 0 {
-		// Nothing of the user runs that could race it. (The home is the
-		// user's, so it goes too.)
-		removeUserLeftovers(map[int]bool{l.uid: true})
-		removeGameHome(l.home, l.uid)
+	clean := true
+	switch {
+	case l.uid == 0:
+	case a.cfg.GameUIDMin == 0:
+		// Started by an LSPM with --game-uids, ended under one without:
+		// there is no sweeper, and the user is never handed out again.
+		a.log.Warn("a game of its own user ended while --game-uids is off: what it left running as its user is not swept",
+			"process", id, "uid", l.uid)
+	default:
+		clean = len(sweepUsers(a.cfg.GameUIDMin, l.uid)) == 0
+		if clean {
+			// Nothing of the user runs that could race it. (The home is
+			// the user's, so it goes too.)
+			removeUserLeftovers(map[int]bool{l.uid: true})
+			removeGameHome(l.home, l.uid)
+		}
 	}
 	a.post(func(t *table) {
 		if !clean {

@@ -202,7 +202,9 @@ func (t *table) load() ([]*proc, error) {
 	}
 	sort.Slice(t.ended, func(i, j int) bool { return endedAt(t.ended[i]).Before(endedAt(t.ended[j])) })
 	t.trimHistory()
-	t.sweepFreeUIDs(adopted)
+	if err := t.sweepFreeUIDs(adopted); err != nil {
+		return nil, err
+	}
 	return adopted, nil
 }
 
@@ -381,10 +383,26 @@ func (t *table) allocUID() (int, bool) {
 // end and its sweep, or left a process whose record it could not read.
 // Users are then handed out after the highest one adopted, so a restart
 // does not bring the just-freed ones back first.
-func (t *table) sweepFreeUIDs(adopted []*proc) {
+//
+// A sweep kills whatever runs as the sweeper (--game-uids' first user)
+// too, so the LSPM does not start while something does: a game an earlier
+// LSPM started as that user (before it was the sweeper, or with another
+// range) would die.
+func (t *table) sweepFreeUIDs(adopted []*proc) error {
 	lo, n := t.a.cfg.gameUIDs()
 	if n == 0 {
-		return
+		return nil
+	}
+	sweeper := t.a.cfg.GameUIDMin
+	for _, p := range adopted {
+		if p.uid == sweeper {
+			return fmt.Errorf("--game-uids %d-%d: game %s runs as user %d, the range's first, which the LSPM keeps for itself (it sweeps games' users as it): stop that game or move the range",
+				sweeper, t.a.cfg.GameUIDMax, p.view.ID, sweeper)
+		}
+	}
+	if anyRunsAs(sweeper) {
+		return fmt.Errorf("--game-uids %d-%d: a process runs as user %d, the range's first, which the LSPM keeps for itself (it sweeps games' users as it, which would kill it): stop it or move the range",
+			sweeper, t.a.cfg.GameUIDMax, sweeper)
 	}
 	held := map[int]bool{}
 	top := -1
@@ -410,6 +428,7 @@ func (t *table) sweepFreeUIDs(adopted []*proc) {
 	}
 	removeUserLeftovers(clean)
 	t.nextUID = (top + 1) % n
+	return nil
 }
 
 // markDirtyUID keeps a game user that may still run processes out of

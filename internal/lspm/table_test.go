@@ -283,7 +283,9 @@ func TestGameUIDsDirtyAndRestart(t *testing.T) {
 	exited := make(chan error, 1)
 	go func() { exited <- left.Wait() }()
 	tb2 := &table{a: tb.a, live: map[string]*proc{}, endedByID: map[string]*proc{}, byToken: map[string]string{}, ports: map[int]string{}}
-	tb2.sweepFreeUIDs([]*proc{{uid: 2000000013}})
+	if err := tb2.sweepFreeUIDs([]*proc{{uid: 2000000013}}); err != nil {
+		t.Fatal(err)
+	}
 	select {
 	case <-exited:
 	case <-time.After(5 * time.Second):
@@ -295,6 +297,37 @@ func TestGameUIDsDirtyAndRestart(t *testing.T) {
 	}
 	if uid, _ := tb2.allocUID(); uid != 2000000014 {
 		t.Fatalf("first user after a restart %d, want 2000000014 (after the adopted 2000000013)", uid)
+	}
+}
+
+// An LSPM does not start while a game it would adopt, or any process, runs
+// as the sweeper (--game-uids' first user): its sweeps would kill it. (An
+// older LSPM gave games that user.)
+func TestGameUIDsSweeperBusy(t *testing.T) {
+	tb, _ := newTestTable(t)
+	tb.a.cfg.GameUIDMin, tb.a.cfg.GameUIDMax = 2000000020, 2000000024
+	old := &proc{uid: 2000000020, view: api.Process{ID: "p-old"}}
+	if err := tb.sweepFreeUIDs([]*proc{old}); err == nil || !strings.Contains(err.Error(), "p-old") {
+		t.Fatalf("a game running as the sweeper: %v, want a refusal naming it", err)
+	}
+	if os.Geteuid() != 0 {
+		t.Skipf("running a process as another user needs root; these tests run as user %d", os.Geteuid())
+	}
+	busy := exec.Command("/bin/sleep", "30")
+	busy.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 2000000020, Gid: 2000000020, Groups: []uint32{}}}
+	if err := busy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = busy.Wait(); close(exited) }()
+	t.Cleanup(func() { _ = busy.Process.Kill(); <-exited })
+	if err := tb.sweepFreeUIDs(nil); err == nil || !strings.Contains(err.Error(), "a process runs as user 2000000020") {
+		t.Fatalf("a process running as the sweeper: %v, want a refusal", err)
+	}
+	select {
+	case <-exited:
+		t.Fatal("the process running as the sweeper was killed")
+	case <-time.After(100 * time.Millisecond):
 	}
 }
 

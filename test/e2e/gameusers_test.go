@@ -24,6 +24,7 @@ func TestGameUsersIsolateGames(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
+	cleanGameHomes(t, 2000000100, 2000000199)
 	private := t.TempDir() // 0700: no game user gets through
 	hidden := filepath.Join(private, "hidden-game")
 	if err := os.WriteFile(hidden, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
@@ -190,6 +191,7 @@ func TestGamesHaveSessionKeyringsOfTheirOwn(t *testing.T) {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
 	name := fmt.Sprintf("dedi-test-lspm-ses-%d", time.Now().UnixNano())
+	cleanGameHomes(t, 2000000300, 2000000302)
 	l := startLSPM(t, lspmOpts{maxProcesses: 2, noDefault: true, keyring: name,
 		extra: []string{"--allow", "/bin/cat", "--game-uids", "2000000300-2000000302"}})
 	p := l.spawn(t, api.SpawnRequest{Ports: []string{}, Command: []string{"/bin/cat", "/proc/keys"}})
@@ -201,6 +203,21 @@ func TestGamesHaveSessionKeyringsOfTheirOwn(t *testing.T) {
 	if !strings.Contains(out, "_ses") {
 		t.Fatalf("the game has no session keyring of its own:\n%s", out)
 	}
+}
+
+// cleanGameHomes removes, when the test ends (after its LSPMs, whose
+// games still running then keep their homes), the homes of games of users
+// lo to hi.
+func cleanGameHomes(t *testing.T, lo, hi int) {
+	t.Cleanup(func() {
+		homes, _ := filepath.Glob(filepath.Join(os.TempDir(), "dedi-game-*"))
+		for _, h := range homes {
+			var st syscall.Stat_t
+			if syscall.Lstat(h, &st) == nil && int(st.Uid) >= lo && int(st.Uid) <= hi {
+				_ = os.RemoveAll(h)
+			}
+		}
+	})
 }
 
 // uidOf is the real user id of a process.
@@ -228,6 +245,7 @@ func TestGameUserSweptWhenShimDies(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skipf("--game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
+	cleanGameHomes(t, 2000000200, 2000000202)
 	l := startLSPM(t, lspmOpts{maxProcesses: 2, noDefault: true,
 		extra: []string{"--allow", "/bin/sh", "--game-uids", "2000000200-2000000202"}})
 	hop := `setsid -f sh -c "$HOP" </dev/null >/dev/null 2>&1; exit 0`
@@ -307,6 +325,7 @@ func TestLocalGameUsers(t *testing.T) {
 		t.Skipf("--local-game-uids needs root; these tests run as user %d", os.Geteuid())
 	}
 	const base = 2000100000
+	cleanGameHomes(t, base, base+5*1024)
 	v := startVMM(t, "--local-game-uids", strconv.Itoa(base))
 	first := 0
 	for i, a := range v.args {

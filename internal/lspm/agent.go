@@ -365,11 +365,7 @@ func (a *Agent) Spawn(req api.SpawnRequest) (api.Process, error) {
 		}
 		_ = os.RemoveAll(plan.dir)
 		// The shim may have started the game before it failed.
-		clean := plan.uid == 0 || len(sweepUsers(a.cfg.GameUIDMin, plan.uid)) == 0
-		if clean && plan.uid != 0 {
-			removeUserLeftovers(map[int]bool{plan.uid: true})
-			removeGameHome(plan.home, plan.uid)
-		}
+		clean := a.sweepGameUser(id, plan.uid, plan.home)
 		a.post(func(t *table) {
 			if !clean {
 				t.markDirtyUID(plan.uid)
@@ -561,29 +557,39 @@ func (a *Agent) finish(id, dir string, l launched) {
 	tail := capLines(tailLines(filepath.Join(dir, logFile), 50))
 	// The game's user goes back to the pool with the end, so nothing may
 	// run as it any more: the shim swept it, but a shim can be killed.
-	clean := true
-	switch {
-	case l.uid == 0:
-	case a.cfg.GameUIDMin == 0:
-		// Started by an LSPM with --game-uids, ended under one without:
-		// there is no sweeper, and the user is never handed out again.
-		a.log.Warn("a game of its own user ended while --game-uids is off: what it left running as its user is not swept",
-			"process", id, "uid", l.uid)
-	default:
-		clean = len(sweepUsers(a.cfg.GameUIDMin, l.uid)) == 0
-		if clean {
-			// Nothing of the user runs that could race it. (The home is
-			// the user's, so it goes too.)
-			removeUserLeftovers(map[int]bool{l.uid: true})
-			removeGameHome(l.home, l.uid)
-		}
-	}
+	clean := a.sweepGameUser(id, l.uid, l.home)
 	a.post(func(t *table) {
 		if !clean {
 			t.markDirtyUID(l.uid)
 		}
 		t.end(id, ex, tail, detail)
 	})
+}
+
+// sweepGameUser empties the user of an ended game (uid, or 0 for none)
+// before it goes back to the pool: every process of it is killed, then
+// what it left in shared places and its home are removed. It returns
+// false when processes of the user may still run (the user must not be
+// handed out again).
+func (a *Agent) sweepGameUser(id string, uid int, home string) bool {
+	switch {
+	case uid == 0:
+		return true
+	case a.cfg.GameUIDMin == 0:
+		// Started by an LSPM with --game-uids, ended under one without:
+		// there is no sweeper, and the user is never handed out again.
+		a.log.Warn("a game of its own user ended while --game-uids is off: what it left running as its user is not swept",
+			"process", id, "uid", uid)
+		return true
+	}
+	if len(sweepUsers(a.cfg.GameUIDMin, uid)) != 0 {
+		return false
+	}
+	// Nothing of the user runs that could race it. (The home is the
+	// user's, so it usually goes with the leftovers.)
+	removeUserLeftovers(map[int]bool{uid: true})
+	removeGameHome(home, uid)
+	return true
 }
 
 // orphaned deals with a process dir that has no readable record: it kills

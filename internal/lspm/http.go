@@ -1,7 +1,6 @@
 package lspm
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -403,10 +402,6 @@ func (a *Agent) getLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		ctx, cancel := rest.UntilStop(r.Context()) // ends when the LSPM stops
 		defer cancel()
-		if a.runCtx != nil {
-			stop := context.AfterFunc(a.runCtx, cancel)
-			defer stop()
-		}
 		followLog(ctx, w, path, offset, done)
 	}
 }

@@ -136,7 +136,7 @@ var errStuck = errors.New("cannot take root back after a sweep")
 // to its goroutine. (kill(-1) answers ESRCH only when there is no other
 // process at all, so its answer tells nothing about uid.)
 func killAllAs(sweeper, uid int) error {
-	if err := becomeSweeper(sweeper, uid); err != nil {
+	if err := setThreadUsers(sweeper, uid); err != nil {
 		return err
 	}
 	_, _, kerr := unix.RawSyscall(unix.SYS_KILL, ^uintptr(0), uintptr(unix.SIGKILL), 0)
@@ -149,11 +149,12 @@ func killAllAs(sweeper, uid int) error {
 	return nil
 }
 
-// becomeSweeper sets the calling thread's users to real sweeper, effective
-// uid, saved root.
-func becomeSweeper(sweeper, uid int) error {
-	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(sweeper), uintptr(uid), 0); e != 0 {
-		return fmt.Errorf("setresuid %d %d 0: %w", sweeper, uid, e)
+// setThreadUsers sets the calling thread's users (only its: a raw
+// syscall) to real, effective, and root as the saved one, which
+// backToRoot takes back.
+func setThreadUsers(real, effective int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(real), uintptr(effective), 0); e != 0 {
+		return fmt.Errorf("setresuid %d %d 0: %w", real, effective, e)
 	}
 	return nil
 }
@@ -245,13 +246,13 @@ func mountMqueue() error {
 // removeUserLeftovers removes what games' users left where every user can
 // write, so that the next game given a user finds nothing of the last
 // one: files and directories a user owns at the top of $TMPDIR and
-// sharedDirs,
-// and System V shared memory, semaphores and message queues the user owns
-// or created, and the keys in its user keyrings. It runs only for users
-// sweepUsers emptied, so nothing of theirs can race the removal.
+// sharedDirs (and one level down in root's sticky directories there),
+// System V shared memory, semaphores and message queues the user owns or
+// created, and the keys in its keyrings. It runs only for users
+// sweepUsers emptied, so nothing of theirs can race the removal. Root is
+// never one of them.
 func removeUserLeftovers(uids map[int]bool) {
-	delete(uids, 0)
-	if len(uids) == 0 {
+	if len(uids) == 0 || uids[0] {
 		return
 	}
 	dirs := []string{os.TempDir()}
@@ -281,10 +282,11 @@ func removeUserLeftovers(uids map[int]bool) {
 }
 
 // clearKeyrings empties the user keyrings (@u, @us) and drops the
-// persistent keyring of those of uids that hold keys (/proc/key-users): the kernel keeps them for a user across its
-// processes, so a key one game stored would wait there for the next game
-// of its user. The user's keyrings are reached only as the user (its real
-// uid), which is safe here: none of its processes runs any more.
+// persistent keyring of those of uids that hold keys (/proc/key-users):
+// the kernel keeps them for a user across its processes, so a key one game
+// stored would wait there for the next game of its user. The user's
+// keyrings are reached only as the user (its real uid), which is safe
+// here: none of its processes runs any more.
 func clearKeyrings(uids map[int]bool) {
 	raw, err := os.ReadFile("/proc/key-users")
 	if err != nil {
@@ -305,8 +307,8 @@ func clearKeyrings(uids map[int]bool) {
 	}
 	onSpareThread(func() {
 		for _, uid := range holders {
-			if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), 0); e != 0 {
-				fmt.Fprintf(os.Stderr, "clear the keyrings of user %d: setresuid: %v\n", uid, e)
+			if err := setThreadUsers(uid, uid); err != nil {
+				fmt.Fprintf(os.Stderr, "clear the keyrings of user %d: %v\n", uid, err)
 				continue
 			}
 			for _, ring := range []int{unix.KEY_SPEC_USER_KEYRING, unix.KEY_SPEC_USER_SESSION_KEYRING} {

@@ -123,7 +123,7 @@ func TestSweepThreadUnreachableByTheGame(t *testing.T) {
 		release := make(chan struct{})
 		done := make(chan error, 1)
 		go onSpareThread(func() {
-			err := becomeSweeper(c.real, uid)
+			err := setThreadUsers(c.real, uid)
 			tid <- unix.Gettid()
 			if err != nil {
 				done <- err
@@ -291,8 +291,8 @@ func mqOpenAs(t *testing.T, uid int, name string, flags int) {
 	t.Helper()
 	done := make(chan error, 1)
 	go onSpareThread(func() {
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, uintptr(uid), 0); e != 0 {
-			done <- e
+		if err := setThreadUsers(0, uid); err != nil {
+			done <- err
 			return
 		}
 		p, err := unix.BytePtrFromString(name)
@@ -304,7 +304,7 @@ func mqOpenAs(t *testing.T, uid int, name string, flags int) {
 				unix.Close(int(fd))
 			}
 		}
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 0, 0, 0); e != 0 && err == nil {
+		if e := backToRoot(); e != nil && err == nil {
 			err = e
 		}
 		done <- err
@@ -376,8 +376,8 @@ func TestRemoveUserLeftoversClearsKeyrings(t *testing.T) {
 	asUser := func(f func() error) error {
 		done := make(chan error, 1)
 		onSpareThread(func() {
-			if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uid, uid, 0); e != 0 {
-				done <- e
+			if err := setThreadUsers(uid, uid); err != nil {
+				done <- err
 				return
 			}
 			err := f()
